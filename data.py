@@ -1,0 +1,654 @@
+"""Data for MoS: the embedded ShapesWorld (DESIGN.md §5).
+
+ShapesWorld is a procedural text–image world small enough to train a toy MoS on a laptop
+CPU in minutes, yet rich enough to measure what the paper measures with GenEval (Tab. 1:
+single object, two objects, counting, colours, position, colour attribution) plus
+compositional generalisation (two colour+shape pairs never appear in training).
+
+Everything is a pure function of a seed and an example index, so a training run can stop
+and resume at any example and see exactly the same stream (`ShapesWorld`, `shapes_batch`).
+
+How it connects:
+    data.py  --(image in [-1, 1], caption)-->  train.py  (caption --> und_tower.py, image --> flow.py)
+    data.py  --(Obj lists, caption specs)--->  eval.py   (the detector and the benchmark)
+    data.py  --(source, instruction, target)-> train.py for the `toy_edit` preset (MoS-Edit, Sec. 3.4)
+
+Captions are generated *spec first*: we first pick what the caption will say (a small dict,
+the "spec"), then build a scene for which it is true, then write the words. The same specs
+are the benchmark's ground truth in eval.py, so training text and benchmark prompts come from
+one set of templates and one truth function, `holds`.
+
+Coordinates: pixel (row y, column x) covers [x, x+1) × [y, y+1); y grows downwards. An `Obj`
+is the centre (cx, cy) and side `size` of its axis-aligned bounding box, all in pixels.
+
+Glossary of tensor letters: B batch, S canvas side in pixels, 3 RGB channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+########################################################################################
+#                                 ShapesWorld (DESIGN §5)                              #
+########################################################################################
+
+# ---------------------------------------------------------------- the world's vocabulary
+
+# DESIGN §5, exactly. Six well-separated colours; yellow is the closest to white (distance
+# ~242), which sets how light an anti-aliased edge pixel can be and still count as an object.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 190),
+    "cyan": (20, 190, 210),
+}
+COLORS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+WHITE = (255, 255, 255)
+
+# No training image, caption or edit ever contains these (colour, shape) pairs; benchmark
+# prompts that ask for them measure compositional generalisation (DESIGN §5 "Held out").
+HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("cyan", "circle")})
+# The (colour, shape) pairs training may use, in a fixed order so sampling is reproducible.
+TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT
+)
+
+COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
+RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+MAX_OBJECTS = 4  # DESIGN §5: 1–4 objects per image
+
+# A position caption is true when the first object's centre is more than this fraction of S
+# beyond the second's along the named axis (DESIGN §5; GenEval uses a similar margin).
+POSITION_MARGIN = 0.1
+# Training scenes for position captions use a wider margin than the benchmark checks, so the
+# relation is never a near-tie the model has to learn to the pixel. Still true by the rule above.
+POSITION_TRAIN_MARGIN = 0.15
+
+# Full-scene captions name each object's place by which third of the canvas its centre is in.
+_ROW_WORDS = ("top", "", "bottom")
+_COL_WORDS = ("left", "", "right")
+
+# ---------------------------------------------------------------- caption mixture
+# What fraction of training captions is of each kind. The six benchmark templates get a bit
+# more than half; the colourful variants (`three red squares`, `a red circle to the left of a
+# blue square`) and full-scene descriptions teach colour binding and places, which the
+# benchmark templates alone say little about. Sums to 1.
+CAPTION_MIX: dict[str, float] = {
+    "single_object": 0.08,   # a circle
+    "two_object": 0.08,      # a circle and a square
+    "counting": 0.10,        # three squares
+    "colors": 0.12,          # a red circle
+    "position": 0.12,        # a circle to the left of a square
+    "color_attr": 0.12,      # a red circle and a blue square
+    "counting_color": 0.06,  # three red squares
+    "position_color": 0.12,  # a red circle to the left of a blue square
+    "scene": 0.20,           # a red circle at the top left, a blue square on the right
+}
+BENCHMARK_KINDS: tuple[str, ...] = (
+    "single_object", "two_object", "counting", "colors", "position", "color_attr",
+)
+
+# Independent random streams per purpose, so captions and edits never share draws.
+_CAPTION_STREAM = 0
+_EDIT_STREAM = 1
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: centre (cx, cy) and side of its axis-aligned bounding box, in pixels.
+
+    Detected objects (eval.detect) may carry shape "unknown" for blobs that fit no shape.
+    """
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    size: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) edges of the bounding box."""
+        h = self.size / 2
+        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+
+
+def size_range(size: int) -> tuple[int, int]:
+    """Allowed bounding-box sides (inclusive): ceil(0.25·S) … floor(0.375·S) (DESIGN §5)."""
+    if size < 16:
+        raise ValueError(f"ShapesWorld needs a canvas of at least 16 pixels; got {size}.")
+    return math.ceil(0.25 * size), math.floor(0.375 * size)
+
+
+def separated(a: Obj, b: Obj) -> bool:
+    """True when at least one pixel of white lies between the two bounding boxes."""
+    al, at, ar, ab = a.box
+    bl, bt, br, bb = b.box
+    # Boxes sit on the integer pixel grid, so a gap of >= 1 along either axis is a whole white
+    # column or row between them.
+    return max(bl - ar, al - br, bt - ab, at - bb) >= 1.0
+
+
+def inside(o: Obj, size: int) -> bool:
+    left, top, right, bottom = o.box
+    return left >= 0 and top >= 0 and right <= size and bottom <= size
+
+
+def relation_holds(a: Obj, relation: str, b: Obj, size: int, margin: float = POSITION_MARGIN) -> bool:
+    """Is `a {relation} b`? Centres must differ by more than margin·S along the named axis."""
+    m = margin * size
+    if relation == "to the left of":
+        return a.cx < b.cx - m
+    if relation == "to the right of":
+        return a.cx > b.cx + m
+    if relation == "above":  # y grows downwards
+        return a.cy < b.cy - m
+    if relation == "below":
+        return a.cy > b.cy + m
+    raise ValueError(f"Unknown relation {relation!r}; expected one of {RELATIONS}.")
+
+
+def place_of(o: Obj, size: int) -> str:
+    """Where an object is, by the third of the canvas its centre falls in: 'at the top left'…"""
+    col = min(int(3 * o.cx / size), 2)
+    row = min(int(3 * o.cy / size), 2)
+    if row == 1 and col == 1:
+        return "in the centre"
+    if row == 1:
+        return f"on the {_COL_WORDS[col]}"
+    return " ".join(w for w in ("at the", _ROW_WORDS[row], _COL_WORDS[col]) if w)
+
+
+# ---------------------------------------------------------------- rendering
+# Each object is drawn through a coverage mask ("alpha") over the pixels of its box: the
+# fraction of the pixel inside the shape, estimated with SUPERSAMPLE² points per pixel. Masks
+# depend only on (shape, side, sub-pixel offset), so they are cached: a 64-image batch is then
+# a few hundred small array blends, well under the time of one training step.
+
+SUPERSAMPLE = 8
+_MASK_QUANTUM = 64  # offsets and sides are rounded to 1/64 px to keep the mask cache small
+
+
+@functools.lru_cache(maxsize=4096)
+def _coverage(shape: str, side: float, fx: float, fy: float) -> np.ndarray:
+    """Alpha mask (h, w) float32 for a shape whose box starts at (fx, fy) inside pixel (0, 0).
+
+    fx, fy ∈ [0, 1) are the sub-pixel offsets of the box's left and top edges.
+    """
+    w = math.ceil(fx + side - 1e-9)
+    h = math.ceil(fy + side - 1e-9)
+    k = SUPERSAMPLE
+    xs = (np.arange(w * k) + 0.5) / k  # sample points, in pixel units
+    ys = (np.arange(h * k) + 0.5) / k
+    x = xs[None, :] - fx  # (h·k, w·k) relative to the box's top-left corner, via broadcast
+    y = ys[:, None] - fy
+    r = side / 2
+    if shape == "circle":
+        inside_ = (x - r) ** 2 + (y - r) ** 2 <= r * r
+    elif shape == "square":
+        inside_ = (x >= 0) & (x <= side) & (y >= 0) & (y <= side)
+    elif shape == "triangle":
+        # Upright: apex at the top centre, base along the bottom edge. At depth y below the
+        # apex it is y wide: an isosceles triangle as wide as it is tall, filling half its box.
+        inside_ = (y >= 0) & (y <= side) & (np.abs(x - r) <= y / 2)
+    else:
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+    alpha = inside_.reshape(h, k, w, k).mean(axis=(1, 3))  # (h, w): average the k×k samples
+    return alpha.astype(np.float32)
+
+
+def render(objs, size: int = 32) -> np.ndarray:
+    """Draw objects on a white S×S canvas. Returns uint8 (S, S, 3).
+
+    Solid fill, no outline; edges are anti-aliased by supersampling. Objects whose boxes lie
+    on the integer grid (everything `random_scene` makes) have crisp box edges, which the
+    detector relies on for exact sizes.
+    """
+    canvas = np.full((size, size, 3), 255.0, dtype=np.float32)  # (S, S, 3)
+    for o in objs:
+        if o.color not in PALETTE:
+            raise ValueError(f"Unknown colour {o.color!r}; expected one of {COLORS}.")
+        if not inside(o, size):
+            raise ValueError(f"{o} does not fit inside a {size}×{size} canvas.")
+        left, top, _, _ = o.box
+        px, py = math.floor(left + 1e-9), math.floor(top + 1e-9)
+        q = _MASK_QUANTUM
+        alpha = _coverage(o.shape, round(o.size * q) / q, round((left - px) * q) / q % 1.0,
+                          round((top - py) * q) / q % 1.0)
+        h, w = alpha.shape
+        h, w = min(h, size - py), min(w, size - px)  # a box flush with the edge may round over it
+        region = canvas[py:py + h, px:px + w]  # (h, w, 3) view into the canvas
+        color = np.asarray(PALETTE[o.color], dtype=np.float32)
+        region += alpha[:h, :w, None] * (color - region)  # alpha blend over what is there
+    return np.rint(canvas).astype(np.uint8)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 (..., S, S, 3) -> float32 (..., 3, S, S) in [-1, 1], the pixel-space codec's range.
+
+    Works on one image or a batch. White (255) maps to exactly 1.0.
+    """
+    # NOTE: done in numpy, not torch: on a busy 2-core CPU, torch's threaded elementwise ops
+    # on a 64-image batch took ~30 ms against ~0.3 ms here — most of a data step.
+    chw = np.moveaxis(img, -1, -3)  # (..., 3, S, S)
+    x = np.ascontiguousarray(chw, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(x)
+
+
+# ---------------------------------------------------------------- scenes
+
+def _random_pair(rng: np.random.Generator, allow_held_out: bool, shape: str | None = None,
+                 color: str | None = None) -> tuple[str, str]:
+    """A random (colour, shape), keeping the shape and/or colour given; held-out pairs only
+    if allowed."""
+    pairs = [(c, s) for c in COLORS for s in SHAPES
+             if (shape is None or s == shape) and (color is None or c == color)
+             and (allow_held_out or (c, s) not in HELD_OUT)]
+    if not pairs:
+        raise ValueError(f"No allowed colour for shape={shape!r}, color={color!r}.")
+    return pairs[int(rng.integers(len(pairs)))]
+
+
+def _place_one(rng: np.random.Generator, color: str, shape: str, others: list[Obj], size: int,
+               tries: int = 50) -> Obj | None:
+    """Rejection-sample an integer-grid box for one object clear of `others`; None if no luck."""
+    lo, hi = size_range(size)
+    for _ in range(tries):
+        side = int(rng.integers(lo, hi + 1))
+        x0 = int(rng.integers(0, size - side + 1))
+        y0 = int(rng.integers(0, size - side + 1))
+        cand = Obj(shape, color, x0 + side / 2, y0 + side / 2, float(side))
+        if all(separated(cand, o) for o in others):
+            return cand
+    return None
+
+
+def place_objects(rng: np.random.Generator, items, size: int, accept=None,
+                  max_restarts: int = 1000) -> list[Obj]:
+    """Place (colour, shape) items one by one by rejection sampling, in the order given.
+
+    `accept(objs) -> bool` is an extra condition on the finished scene (e.g. a position
+    relation between objs[0] and objs[1]); scenes failing it are redrawn from scratch.
+    """
+    if not 1 <= len(items) <= MAX_OBJECTS:
+        raise ValueError(f"A scene holds 1 to {MAX_OBJECTS} objects; asked for {len(items)}.")
+    for _ in range(max_restarts):
+        objs: list[Obj] = []
+        for color, shape in items:
+            o = _place_one(rng, color, shape, objs, size)
+            if o is None:
+                break
+            objs.append(o)
+        if len(objs) == len(items) and (accept is None or accept(objs)):
+            return objs
+    raise RuntimeError(f"Could not place {items} on a {size}px canvas; is the canvas too small?")
+
+
+def random_scene(rng: np.random.Generator, size: int = 32, n: int | None = None,
+                 allow_held_out: bool = False) -> list[Obj]:
+    """1–4 random objects (n of them if given). Held-out pairs only with allow_held_out=True,
+    which is for benchmark ground truth, never for training."""
+    if n is None:
+        n = int(rng.integers(1, MAX_OBJECTS + 1))
+    items = [_random_pair(rng, allow_held_out) for _ in range(n)]
+    return place_objects(rng, items, size)
+
+
+# ---------------------------------------------------------------- caption specs
+# A spec is a small JSON-able dict saying what a caption claims. Kinds and their keys:
+#   single_object  {shape}                       "a circle"
+#   two_object     {shapes: [s1, s2]}            "a circle and a square"   (distinct shapes)
+#   counting       {shape, count}                "three squares"
+#   colors         {color, shape}                "a red circle"
+#   position       {shapes: [s1, s2], relation}  "a circle to the left of a square"
+#   color_attr     {objects: [[c1, s1], [c2, s2]]}  "a red circle and a blue square"
+#   counting_color {color, shape, count}         "three red squares"
+#   position_color {objects: [[c1, s1], [c2, s2]], relation}  "a red circle above a blue square"
+#   scene          {objects: [[c, s, place], …]} "a red circle at the top left, a blue square …"
+# DECISION: position prompts without colours use distinct shapes (as GenEval does), since
+# "a circle to the left of a circle" is true of almost any two-circle scene. With colours the
+# two objects need only differ in colour or shape ("a red circle above a blue circle").
+
+def spec_pairs(spec: dict) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a spec names explicitly."""
+    if "objects" in spec:
+        return [(o[0], o[1]) for o in spec["objects"]]
+    if "color" in spec:
+        return [(spec["color"], spec["shape"])]
+    return []
+
+
+def mentions_held_out(spec: dict) -> bool:
+    return any(p in HELD_OUT for p in spec_pairs(spec))
+
+
+def caption_for_spec(spec: dict) -> str:
+    """The words for a spec — the six benchmark templates of DESIGN §5, lowercase, exactly."""
+    kind = spec["kind"]
+    if kind == "single_object":
+        return f"a {spec['shape']}"
+    if kind == "two_object":
+        s1, s2 = spec["shapes"]
+        return f"a {s1} and a {s2}"
+    if kind == "counting":
+        return f"{COUNT_WORDS[spec['count']]} {spec['shape']}s"
+    if kind == "colors":
+        return f"a {spec['color']} {spec['shape']}"
+    if kind == "position":
+        s1, s2 = spec["shapes"]
+        return f"a {s1} {spec['relation']} a {s2}"
+    if kind == "color_attr":
+        (c1, s1), (c2, s2) = spec["objects"]
+        return f"a {c1} {s1} and a {c2} {s2}"
+    if kind == "counting_color":
+        return f"{COUNT_WORDS[spec['count']]} {spec['color']} {spec['shape']}s"
+    if kind == "position_color":
+        (c1, s1), (c2, s2) = spec["objects"]
+        return f"a {c1} {s1} {spec['relation']} a {c2} {s2}"
+    if kind == "scene":
+        return ", ".join(f"a {c} {s} {place}" for c, s, place in spec["objects"])
+    raise ValueError(f"Unknown caption kind {kind!r}; expected one of {tuple(CAPTION_MIX)}.")
+
+
+def _two_distinct(rng: np.random.Generator, options) -> list:
+    i, j = rng.choice(len(options), size=2, replace=False)
+    return [options[int(i)], options[int(j)]]
+
+
+def sample_spec(rng: np.random.Generator, kind: str) -> dict:
+    """A random training spec of one kind (not 'scene', which is described from a scene).
+    Never names a held-out pair."""
+    count = int(rng.integers(2, MAX_OBJECTS + 1))
+    relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    if kind == "single_object":
+        return {"kind": kind, "shape": shape}
+    if kind == "two_object":
+        return {"kind": kind, "shapes": _two_distinct(rng, SHAPES)}
+    if kind == "counting":
+        return {"kind": kind, "shape": shape, "count": count}
+    if kind in ("colors", "counting_color"):
+        color, shape = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+        spec = {"kind": kind, "color": color, "shape": shape}
+        return spec | {"count": count} if kind == "counting_color" else spec
+    if kind == "position":
+        return {"kind": kind, "shapes": _two_distinct(rng, SHAPES), "relation": relation}
+    if kind == "color_attr":
+        while True:  # distinct shapes and distinct colours (DESIGN §5)
+            a, b = _two_distinct(rng, TRAIN_PAIRS)
+            if a[0] != b[0] and a[1] != b[1]:
+                return {"kind": kind, "objects": [list(a), list(b)]}
+    if kind == "position_color":
+        a, b = _two_distinct(rng, TRAIN_PAIRS)  # differ in colour, shape, or both
+        return {"kind": kind, "objects": [list(a), list(b)], "relation": relation}
+    raise ValueError(f"Cannot sample a spec of kind {kind!r}.")
+
+
+def scene_for_spec(rng: np.random.Generator, spec: dict, size: int = 32,
+                   allow_held_out: bool = False) -> list[Obj]:
+    """A scene of which the spec is true and which holds nothing else: exactly the objects
+    the caption names (so "a circle" is one circle, "three squares" is three squares and
+    nothing more). Unnamed colours are random. objs[0], objs[1] are the position pair."""
+    if mentions_held_out(spec) and not allow_held_out:
+        raise ValueError(f"{caption_for_spec(spec)!r} names a held-out pair; training never does.")
+    kind = spec["kind"]
+
+    def any_color(s: str) -> tuple[str, str]:
+        return _random_pair(rng, allow_held_out, shape=s)
+
+    def in_relation(objs: list[Obj]) -> bool:
+        return relation_holds(objs[0], spec["relation"], objs[1], size, POSITION_TRAIN_MARGIN)
+
+    accept = None
+    if kind == "single_object":
+        items = [any_color(spec["shape"])]
+    elif kind == "two_object":
+        items = [any_color(s) for s in spec["shapes"]]
+    elif kind == "counting":
+        items = [any_color(spec["shape"]) for _ in range(spec["count"])]
+    elif kind == "colors":
+        items = [(spec["color"], spec["shape"])]
+    elif kind == "counting_color":
+        items = [(spec["color"], spec["shape"])] * spec["count"]
+    elif kind in ("position", "position_color"):
+        if kind == "position":
+            items = [any_color(s) for s in spec["shapes"]]
+        else:
+            items = [tuple(o) for o in spec["objects"]]
+        accept = in_relation
+    elif kind == "color_attr":
+        items = [tuple(o) for o in spec["objects"]]
+    else:
+        raise ValueError(f"scene_for_spec cannot build a scene for kind {kind!r}.")
+    return place_objects(rng, items, size, accept)
+
+
+def describe_scene(objs, size: int) -> dict:
+    """A 'scene' spec listing every object with its colour, shape and place, in reading order
+    (top row first, left to right), so the same scene always gets the same words."""
+    order = sorted(objs, key=lambda o: (min(int(3 * o.cy / size), 2), o.cx))
+    return {"kind": "scene", "objects": [[o.color, o.shape, place_of(o, size)] for o in order]}
+
+
+def holds(spec: dict, objs, size: int, exact: bool = False) -> bool:
+    """Is the caption described by `spec` true of these objects?
+
+    GenEval semantics: the named objects must be there (counting: exactly that many of the
+    shape; position: some pair in that relation, margin 0.1·S). With exact=True the scene must
+    also hold nothing the caption leaves out — the contract of our training captions.
+    """
+    pairs = [(o.color, o.shape) for o in objs]
+    shapes = [o.shape for o in objs]
+    kind = spec["kind"]
+    if kind == "single_object":
+        ok, n = spec["shape"] in shapes, 1
+    elif kind == "two_object":
+        ok, n = all(s in shapes for s in spec["shapes"]), 2
+    elif kind == "counting":
+        ok, n = shapes.count(spec["shape"]) == spec["count"], spec["count"]
+    elif kind == "counting_color":
+        ok, n = pairs.count((spec["color"], spec["shape"])) == spec["count"], spec["count"]
+    elif kind == "colors":
+        ok, n = (spec["color"], spec["shape"]) in pairs, 1
+    elif kind == "color_attr":
+        ok, n = all(tuple(p) in pairs for p in spec["objects"]), 2
+    elif kind in ("position", "position_color"):
+        if kind == "position":
+            want = [(None, s) for s in spec["shapes"]]
+        else:
+            want = [tuple(p) for p in spec["objects"]]
+
+        def matches(o: Obj, w) -> bool:
+            return o.shape == w[1] and (w[0] is None or o.color == w[0])
+
+        ok = any(matches(a, want[0]) and matches(b, want[1])
+                 and relation_holds(a, spec["relation"], b, size)
+                 for a in objs for b in objs if a is not b)
+        n = 2
+    elif kind == "scene":
+        ok = sorted((o.color, o.shape, place_of(o, size)) for o in objs) == sorted(
+            tuple(x) for x in spec["objects"])
+        n = len(spec["objects"])
+    else:
+        raise ValueError(f"Unknown caption kind {kind!r}; expected one of {tuple(CAPTION_MIX)}.")
+    return ok and (not exact or len(objs) == n)
+
+
+_MIX_CDF = np.cumsum(list(CAPTION_MIX.values()))  # (kinds,) for one uniform draw per example
+_MIX_CDF[-1] = 1.0 + 1e-9  # float round-off must never push a draw past the last kind
+
+
+def sample_example_spec(rng: np.random.Generator, size: int = 32) -> tuple[list[Obj], str, dict]:
+    """One training example with its spec: (objects, caption, spec). Kind drawn by CAPTION_MIX."""
+    kinds = tuple(CAPTION_MIX)
+    kind = kinds[int(np.searchsorted(_MIX_CDF, rng.random(), side="right"))]
+    if kind == "scene":
+        objs = random_scene(rng, size)
+        spec = describe_scene(objs, size)
+    else:
+        spec = sample_spec(rng, kind)
+        objs = scene_for_spec(rng, spec, size)
+    return objs, caption_for_spec(spec), spec
+
+
+
+def sample_example(rng: np.random.Generator, size: int = 32) -> tuple[list[Obj], str]:
+    """One training example: (objects, caption); the caption is always true of the scene."""
+    objs, caption, _ = sample_example_spec(rng, size)
+    return objs, caption
+
+
+def example_rng(seed: int, index: int, stream: int = _CAPTION_STREAM) -> np.random.Generator:
+    """The generator for example `index` of a seeded stream. A pure function of its arguments,
+    which is what makes the data resumable at any position without replaying the past."""
+    return np.random.default_rng([seed, stream, index])
+
+
+def shapes_batch(seed: int, start: int, batch_size: int, size: int = 32):
+    """Examples start … start+B-1 of stream `seed`: images (B, 3, S, S) float32 in [-1, 1]
+    and B captions. Identical to what ShapesWorld(size, seed) yields at those positions."""
+    imgs = np.empty((batch_size, size, size, 3), dtype=np.uint8)  # (B, S, S, 3)
+    captions = []
+    for b in range(batch_size):
+        objs, caption = sample_example(example_rng(seed, start + b), size)
+        imgs[b] = render(objs, size)
+        captions.append(caption)
+    return to_tensor(imgs), captions  # (B, 3, S, S), B strings
+
+
+class ShapesWorld(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of {"image": (3, S, S) float32 in [-1, 1], "caption": str}.
+
+    `position` counts examples yielded so far; `ShapesWorld(size, seed, start=p)` (or
+    `load_state_dict`) continues exactly where a stream at position p would.
+    """
+
+    def __init__(self, size: int = 32, seed: int = 0, start: int = 0):
+        super().__init__()
+        size_range(size)  # validates the canvas size early, with a readable message
+        if start < 0:
+            raise ValueError(f"The start position must be >= 0; got {start}.")
+        self.size, self.seed, self.position = size, seed, start
+
+    def __iter__(self):
+        # NOTE: each DataLoader worker would get a copy of this object and repeat the same
+        # stream. Rendering is cheap enough for the main process, so refuse rather than
+        # silently train on duplicates.
+        if torch.utils.data.get_worker_info() is not None:
+            raise ValueError("ShapesWorld is meant for num_workers=0: every worker would repeat "
+                             "the same examples. Rendering is fast enough in the main process.")
+        while True:
+            objs, caption = sample_example(example_rng(self.seed, self.position), self.size)
+            self.position += 1
+            yield {"image": to_tensor(render(objs, self.size)), "caption": caption}
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "size": self.size, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.size, self.position = state["seed"], state["size"], state["position"]
+
+
+# ---------------------------------------------------------------- edit triplets (toy_edit)
+
+EDIT_KINDS: tuple[str, ...] = ("recolor", "reshape", "add", "remove", "move")
+EDGES: tuple[str, ...] = ("left", "right", "top", "bottom")
+# A move must carry the object at least this fraction of S, more than eval's 0.2·S match
+# radius, so a model that leaves the image unchanged never scores a move as correct.
+MIN_MOVE = 0.25
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit triplet: the source scene, the instruction, and the scene it should produce."""
+
+    kind: str
+    source: tuple[Obj, ...]
+    instruction: str
+    target: tuple[Obj, ...]
+
+
+def _moved_to_edge(o: Obj, edge: str, size: int) -> Obj:
+    """The object slid straight to one edge of the canvas: its box touches that edge."""
+    h = o.size / 2
+    if edge == "left":
+        return replace(o, cx=h)
+    if edge == "right":
+        return replace(o, cx=size - h)
+    if edge == "top":
+        return replace(o, cy=h)
+    if edge == "bottom":
+        return replace(o, cy=size - h)
+    raise ValueError(f"Unknown edge {edge!r}; expected one of {EDGES}.")
+
+
+def sample_edit(rng: np.random.Generator, size: int = 32, kind: str | None = None) -> Edit:
+    """A random edit (DESIGN §5 "Edits"). The object named is the only one of its colour and
+    shape in the source; every other object keeps its exact place. Never uses held-out pairs."""
+    if kind is None:
+        kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"Unknown edit kind {kind!r}; expected one of {EDIT_KINDS}.")
+    for _ in range(1000):
+        # Sources and targets both hold 1–4 objects (DESIGN §5): "add" starts from at most
+        # three, "remove" from at least two.
+        n = int(rng.integers(2 if kind == "remove" else 1, MAX_OBJECTS + (kind != "add")))
+        source = random_scene(rng, size, n)
+        if kind == "add":
+            color, shape = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+            new = _place_one(rng, color, shape, source, size)
+            if new is None:
+                continue
+            return Edit(kind, tuple(source), f"add a {color} {shape}", tuple(source + [new]))
+
+        pairs = [(o.color, o.shape) for o in source]
+        unique = [i for i, p in enumerate(pairs) if pairs.count(p) == 1]
+        if not unique:
+            continue
+        i = unique[int(rng.integers(len(unique)))]
+        o = source[i]
+        name = f"the {o.color} {o.shape}"
+        others = source[:i] + source[i + 1:]
+        if kind == "remove":
+            return Edit(kind, tuple(source), f"remove {name}", tuple(others))
+        if kind == "recolor":
+            color2, _ = _random_pair(rng, False, shape=o.shape)
+            if color2 == o.color:
+                continue
+            new, instruction = replace(o, color=color2), f"make {name} {color2}"
+        elif kind == "reshape":
+            _, shape2 = _random_pair(rng, False, color=o.color)
+            if shape2 == o.shape:
+                continue
+            # Same box, so the new shape is as clear of its neighbours as the old one was.
+            new, instruction = replace(o, shape=shape2), f"turn {name} into a {shape2}"
+        else:  # move
+            edge = EDGES[int(rng.integers(len(EDGES)))]
+            new = _moved_to_edge(o, edge, size)
+            far_enough = math.hypot(new.cx - o.cx, new.cy - o.cy) >= MIN_MOVE * size
+            if not far_enough or not all(separated(new, x) for x in others):
+                continue  # blocked by a neighbour, or already (nearly) there: draw again
+            instruction = f"move {name} to the {edge}"
+        return Edit(kind, tuple(source), instruction, tuple(source[:i] + [new] + source[i + 1:]))
+    raise RuntimeError(f"Could not sample a {kind!r} edit on a {size}px canvas.")
+
+
+def edit_batch(seed: int, start: int, batch_size: int, size: int = 32):
+    """Edit examples start … start+B-1 of stream `seed`: source images (B, 3, S, S),
+    instructions (B strings), target images (B, 3, S, S), float32 in [-1, 1]."""
+    src = np.empty((batch_size, size, size, 3), dtype=np.uint8)  # (B, S, S, 3)
+    tgt = np.empty_like(src)
+    instructions = []
+    for b in range(batch_size):
+        edit = sample_edit(example_rng(seed, start + b, _EDIT_STREAM), size)
+        src[b], tgt[b] = render(edit.source, size), render(edit.target, size)
+        instructions.append(edit.instruction)
+    return to_tensor(src), instructions, to_tensor(tgt)  # (B, 3, S, S), B strings, (B, 3, S, S)

@@ -1,0 +1,288 @@
+"""The ShapesWorld benchmark (DESIGN.md §5): a detector, GenEval-style scoring, edit accuracy.
+
+The paper reports text-to-image quality on GenEval (Tab. 1), whose six categories — single
+object, two objects, counting, colours, position, colour attribution — are scored by running
+an object detector on each generated image and checking the prompt's claims. We do the same
+in ShapesWorld, where an exact detector is possible: objects are solid, flat-coloured blobs
+on white, so connected components, a nearest-palette colour and a fill-ratio shape test
+recover the scene. Prompts naming a held-out (colour, shape) pair (data.HELD_OUT) measure
+compositional generalisation; edits (MoS-Edit, Sec. 3.4) are scored against their target scene.
+
+How it connects: prompts and their ground-truth specs come from data.py (one set of
+templates, one truth function `data.holds`); images come from sample.py / edit.py; this file
+turns images into scores.
+
+Glossary: S canvas side in pixels; a component is a set of 8-connected non-white pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+import data
+from data import Obj
+
+########################################################################################
+#                                   The detector                                        #
+########################################################################################
+
+# A pixel belongs to an object when its RGB distance from white exceeds this. The lightest
+# palette colour (yellow) is ~242 from white, so anything drawn with >= ~20% coverage counts;
+# the 1-pixel white gap between boxes stays background.
+FOREGROUND_DISTANCE = 48.0
+# Components smaller than this fraction of the canvas are specks (sampling noise) and are
+# ignored. 1% of S² is 10 px at S = 32, a third of the smallest real object (a side-8 triangle).
+MIN_AREA_FRACTION = 0.01
+# Anything bigger than a speck must look like an object, or it is junk ("unknown"):
+# a bounding-box side within [0.15·S, 0.5·S] (training objects are 0.25–0.375·S) ...
+MIN_SIDE_FRACTION, MAX_SIDE_FRACTION = 0.15, 0.5
+# ... a roughly square box (all three shapes have square boxes; merged objects do not) ...
+MAX_ASPECT = 1.4
+# ... and a fill ratio that fits a shape. Ideal fill of the box: square 1, circle π/4 ≈ 0.785,
+# triangle 0.5; the thresholds sit halfway between neighbours.
+SQUARE_MIN_FILL = 0.89
+CIRCLE_MIN_FILL = 0.64
+TRIANGLE_MIN_FILL = 0.35
+# Vertical centroid of the coverage, as a fraction of box height from the top: 0.5 for
+# circles and squares, 2/3 for an upright triangle (mass sits at its base). Halfway is 0.583.
+# A blob whose centroid is that far *up* (an upside-down triangle) is junk.
+TRIANGLE_MIN_CENTROID = 0.58
+UNKNOWN = "unknown"
+
+_PALETTE_RGB = np.array(list(data.PALETTE.values()), dtype=np.float64)  # (6, 3)
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """Label 8-connected components of a boolean (H, W) mask; background gets -1.
+
+    Min-label propagation with pointer jumping, all in numpy (no scipy): every pixel starts
+    with its own flat index, repeatedly takes the smallest label among its 8 neighbours, then
+    jumps to its label's label. Converges in a handful of sweeps for blobs.
+    """
+    h, w = mask.shape
+    big = h * w  # label of background: larger than any pixel index
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), big)  # (H, W)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)  # (H+2, W+2)
+        new = labels
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                new = np.minimum(new, padded[dy:dy + h, dx:dx + w])
+        new = np.where(mask, new, big)
+        flat = new.ravel()
+        # Pointer jumping: a label is the index of a pixel in the same component whose own
+        # label is no larger, so adopting it only shortens chains.
+        fg = flat < big
+        flat[fg] = flat[flat[fg]]
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return np.where(mask, labels, -1)
+
+
+def _classify(w: int, h: int, fill: float, centroid: float, size: int) -> str:
+    """The shape of a component from its box, fill ratio and vertical centroid, or UNKNOWN."""
+    side = max(w, h)
+    if not MIN_SIDE_FRACTION * size <= side <= MAX_SIDE_FRACTION * size:
+        return UNKNOWN
+    if side / min(w, h) > MAX_ASPECT:
+        return UNKNOWN
+    if centroid >= TRIANGLE_MIN_CENTROID:
+        return "triangle" if TRIANGLE_MIN_FILL <= fill < CIRCLE_MIN_FILL else UNKNOWN
+    if centroid <= 1.0 - TRIANGLE_MIN_CENTROID:
+        return UNKNOWN
+    if fill >= SQUARE_MIN_FILL:
+        return "square"
+    if fill >= CIRCLE_MIN_FILL:
+        return "circle"
+    return UNKNOWN
+
+
+def detect(img: np.ndarray) -> list[Obj]:
+    """Find the objects in a uint8 (S, S, 3) image, sorted top-to-bottom, left-to-right.
+
+    Each non-speck component becomes an Obj: colour = the palette entry nearest the median of
+    its strongly coloured pixels; shape from `_classify` (UNKNOWN for junk); (cx, cy, size)
+    from its bounding box, in the same pixel convention as data.render.
+    """
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1]:
+        raise ValueError(f"detect expects a square RGB image (S, S, 3); got shape {img.shape}.")
+    size = img.shape[0]
+    deficit = 255.0 - img.astype(np.float64)  # (S, S, 3): how far each channel is from white
+    dist = np.sqrt((deficit ** 2).sum(axis=2))  # (S, S)
+    labels = _components(dist > FOREGROUND_DISTANCE)
+    min_area = MIN_AREA_FRACTION * size * size
+    objs = []
+    for label in np.unique(labels[labels >= 0]):
+        ys, xs = np.nonzero(labels == label)
+        if len(ys) < min_area:
+            continue  # a speck
+        d = dist[ys, xs]
+        # Colour from the strongly coloured pixels only; anti-aliased edges are mixed with white.
+        strong = d >= 0.5 * d.max()
+        rgb = np.median(img[ys[strong], xs[strong]].astype(np.float64), axis=0)  # (3,)
+        color = data.COLORS[int(np.argmin(((_PALETTE_RGB - rgb) ** 2).sum(axis=1)))]
+        # Per-pixel coverage: how far along the white -> object-colour line each pixel is, so a
+        # half-covered edge pixel counts one half, and the fill ratio does not depend on how
+        # edges were anti-aliased.
+        ref = 255.0 - rgb
+        alpha = np.clip(deficit[ys, xs] @ ref / max(ref @ ref, 1e-6), 0.0, 1.0)  # (n,)
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        w, h = int(x1 - x0), int(y1 - y0)
+        fill = float(alpha.sum()) / (w * h)
+        centroid = (float((alpha * (ys + 0.5)).sum() / max(alpha.sum(), 1e-6)) - y0) / h
+        shape = _classify(w, h, fill, centroid, size)
+        objs.append(Obj(shape, color, float(x0 + w / 2), float(y0 + h / 2), float(max(w, h))))
+    return sorted(objs, key=lambda o: (o.cy, o.cx))
+
+
+########################################################################################
+#                              Text-to-image benchmark                                  #
+########################################################################################
+
+CATEGORIES = data.BENCHMARK_KINDS
+
+
+def _all_specs(category: str) -> list[dict]:
+    """Every distinct prompt of a category, in a fixed order (held-out pairs included)."""
+    ordered_shapes = list(itertools.permutations(data.SHAPES, 2))  # distinct shapes, ordered
+    if category == "single_object":
+        return [{"kind": category, "shape": s} for s in data.SHAPES]
+    if category == "two_object":
+        return [{"kind": category, "shapes": list(p)} for p in ordered_shapes]
+    if category == "counting":
+        return [{"kind": category, "shape": s, "count": n}
+                for n in data.COUNT_WORDS for s in data.SHAPES]
+    if category == "colors":
+        return [{"kind": category, "color": c, "shape": s} for c in data.COLORS for s in data.SHAPES]
+    if category == "position":
+        return [{"kind": category, "shapes": list(p), "relation": r}
+                for p in ordered_shapes for r in data.RELATIONS]
+    if category == "color_attr":
+        return [{"kind": category, "objects": [[c1, s1], [c2, s2]]}
+                for s1, s2 in ordered_shapes
+                for c1, c2 in itertools.permutations(data.COLORS, 2)]
+    raise ValueError(f"Unknown category {category!r}; expected one of {CATEGORIES}.")
+
+
+def benchmark_prompts(seed: int = 0, per_category: int = 50) -> list[dict]:
+    """The fixed benchmark: per_category prompts for each of the six categories.
+
+    Each record is {category, prompt, spec, held_out}. A category cycles through a seeded
+    shuffle of all its distinct prompts (3 for single_object … 180 for color_attr), so small
+    categories repeat prompts — scored per image, as GenEval does — and large ones are a
+    sample. Held-out prompts appear where they naturally fall: colors (2 of 18 prompts) and
+    color_attr (38 of 180); `held_out` flags them for the compositional-generalisation score.
+    """
+    if per_category < 1:
+        raise ValueError(f"per_category must be at least 1; got {per_category}.")
+    rng = np.random.default_rng([seed, 2])  # stream 2: distinct from data's caption and edit streams
+    records = []
+    for category in CATEGORIES:
+        specs = _all_specs(category)
+        order = rng.permutation(len(specs))
+        for i in range(per_category):
+            spec = specs[int(order[i % len(specs)])]
+            records.append({"category": category, "prompt": data.caption_for_spec(spec),
+                            "spec": spec, "held_out": data.mentions_held_out(spec)})
+    return records
+
+
+def check(spec: dict, objs: list[Obj], size: int) -> bool:
+    """Does a detected scene satisfy a prompt? GenEval rules, plus a no-junk rule.
+
+    - every detected component must be a recognised object: one UNKNOWN blob (smeared, merged,
+      mis-shapen or the size of the canvas) fails the image, so noise cannot pass;
+    - single_object: an object of that shape; two_object: both shapes;
+      counting: exactly that many of the shape (others may be present, as in GenEval);
+      colors: an object of that colour and shape; color_attr: both (colour, shape) objects;
+      position: an object of shape1 and a different one of shape2 whose centres are in the
+      relation with margin 0.1·S. See data.holds.
+    """
+    if any(o.shape == UNKNOWN for o in objs):
+        return False
+    return data.holds(spec, objs, size)
+
+
+def grade(prompts: list[dict], images) -> list[dict]:
+    """Detect and check each image against its prompt record; adds 'correct' and 'detected'."""
+    if len(prompts) != len(images):
+        raise ValueError(f"Got {len(images)} images for {len(prompts)} prompts; they must pair up.")
+    records = []
+    for rec, img in zip(prompts, images):
+        objs = detect(np.asarray(img))
+        records.append(rec | {"correct": check(rec["spec"], objs, img.shape[0]), "detected": objs})
+    return records
+
+
+def score(records: list[dict]) -> dict:
+    """Accuracies from records with 'category', 'held_out' and 'correct'.
+
+    Returns {category: accuracy for each category present, 'overall': mean of those category
+    accuracies (GenEval's convention: categories weigh equally, not prompts), 'held_out':
+    accuracy over held-out prompts (None if there are none), 'n': number of records}.
+    """
+    if not records:
+        raise ValueError("score() needs at least one graded record.")
+    unknown = {r["category"] for r in records} - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"Unknown categories {sorted(unknown)}; expected {CATEGORIES}.")
+    out: dict = {}
+    for category in CATEGORIES:
+        hits = [bool(r["correct"]) for r in records if r["category"] == category]
+        if hits:
+            out[category] = sum(hits) / len(hits)
+    per_category = list(out.values())
+    out["overall"] = sum(per_category) / len(per_category)
+    held = [bool(r["correct"]) for r in records if r["held_out"]]
+    out["held_out"] = sum(held) / len(held) if held else None
+    out["n"] = len(records)
+    return out
+
+
+########################################################################################
+#                                    Edit accuracy                                      #
+########################################################################################
+
+EDIT_TOLERANCE = 0.2  # DESIGN §5: each object within 0.2·S of its place
+
+
+def edit_benchmark(seed: int = 0, per_kind: int = 20, size: int = 32) -> list[dict]:
+    """A fixed set of edits, per_kind of each of data.EDIT_KINDS, as records
+    {kind, instruction, source (objects), target (objects)}. Render sources with data.render."""
+    records = []
+    for k, kind in enumerate(data.EDIT_KINDS):
+        for i in range(per_kind):
+            edit = data.sample_edit(np.random.default_rng([seed, 3, k, i]), size, kind)
+            records.append({"kind": kind, "instruction": edit.instruction,
+                            "source": list(edit.source), "target": list(edit.target)})
+    return records
+
+
+def edit_correct(target_objs, detected, size: int) -> bool:
+    """Does the detected scene equal the target: the same multiset of (shape, colour), and a
+    one-to-one matching that puts every detected object within 0.2·S of its target's centre?
+    Junk (UNKNOWN) never matches anything, so it fails the edit."""
+    target, found = list(target_objs), list(detected)
+    key = lambda o: (o.shape, o.color)  # noqa: E731
+    if sorted(map(key, target)) != sorted(map(key, found)):
+        return False
+    radius = EDIT_TOLERANCE * size
+    for k in set(map(key, target)):
+        want = [o for o in target if key(o) == k]
+        got = [o for o in found if key(o) == k]
+        # At most four objects per scene, so trying every pairing is cheap and exact.
+        if not any(all(math.hypot(a.cx - b.cx, a.cy - b.cy) <= radius for a, b in zip(want, perm))
+                   for perm in itertools.permutations(got)):
+            return False
+    return True
+
+
+########################################################################################
+#                            Command line: python eval.py                               #
+########################################################################################
+# Generates the benchmark images with a checkpoint (sample.py / edit.py) and prints the
+# scores above as JSON (DESIGN §6).

@@ -1,0 +1,336 @@
+"""Text → image with a trained MoS: the sampler CLI, the latency profile and the router maps.
+
+Paper Algorithm 2 (inference), Sec. 4.1 / Fig. 7 (latency breakdown), App. B.6 (steps, CFG,
+rescale, linear-quadratic schedule), App. B.7 / Fig. 14 (router visualisation).
+DESIGN §6 (CLI contract).
+
+    python sample.py "a red circle to the left of a blue square"          # → sample.png
+    python sample.py "three squares" --seed 3 --cfg 5 --out three.png
+    python sample.py --prompts prompts.txt --outdir out/                  # out/0000.png, …
+    python sample.py "a blue triangle" --profile                          # Fig. 7-style table
+    python sample.py "a blue triangle" --router-viz viz/                  # Fig. 14-style PNGs
+
+Inference (Alg. 2):
+    U(c) once per prompt ─► states (B, L, m, D_u) ─► W·S_i once per prompt (Proj is linear)
+    z_1 ~ N(0, I);  for each step: R(c, t, z_t) ─► top-k (ε = 0) ─► G ─► v̂ ─► Euler step
+    z_0 ─► codec.decode ─► image
+
+With no --ckpt the small checkpoint shipped in checkpoints/toy/ is used, so this works on a
+fresh machine right after `pip install -r requirements.txt`, without a GPU or a download.
+
+Glossary: B batch · L context tokens · m und. states · n gen blocks · k selected · T steps.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from flow import euler_sample, sampling_schedule
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "toy")
+
+
+#################################################################################
+#                                   Sampling                                    #
+#################################################################################
+
+
+def initial_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
+    """z_1 for n images: image i gets the noise of seed `seed + i`, drawn on its own, so a
+    prompt's picture never depends on the batch it was generated in (line i of a prompt file
+    with --seed S is the same image as that prompt alone with --seed S+i)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+
+
+@torch.no_grad()
+def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 0, steps: int | None = None,
+             cfg: float | None = None, shift: float = 1.0, schedule: str = "linear", rescale: float = 0.0,
+             size: int | None = None, device="cpu", trace: dict | None = None) -> np.ndarray:
+    """Prompts → uint8 images (B, H, W, 3). `trace`, if given, collects the trajectory and the
+    router's logits at every step (for --router-viz)."""
+    mcfg, tcfg = preset.model, preset.train
+    steps = steps or tcfg.sample_steps
+    cfg = tcfg.cfg if cfg is None else cfg
+    size = size or mcfg.image_size
+    channels, factor = codec.channels, codec.factor
+    B = len(prompts)
+    guided = cfg != 1.0
+    # U once per prompt (and once for the empty prompt of the unconditional branch).
+    states, mask = tower_fn(list(prompts) + ([""] * B if guided else []))  # (B or 2B, L, m, D_u)
+    states, mask = states.to(device), mask.to(device)
+    projected = model.project_states(states)  # (B or 2B, L, m, D_g): once for all steps and blocks
+    z1 = initial_noise(B, (channels, size // factor, size // factor), seed).to(device)
+    ts = sampling_schedule(steps, shift=shift, kind=schedule)
+
+    def model_fn(z, t):
+        out = model(z, t, states, mask, eps=0.0, projected=projected, return_routing=trace is not None)
+        if trace is None:
+            return out
+        v, routing = out
+        trace.setdefault("logits", []).append(routing["logits"][:B].float().cpu())  # conditional half
+        return v
+
+    out = euler_sample(model_fn, z1, ts, cfg=cfg, rescale=rescale, return_trajectory=trace is not None)
+    if trace is not None:
+        z0, traj = out
+        trace["trajectory"] = [codec.decode(z.to(device)).cpu() for z in traj]
+        trace["timesteps"] = ts
+    else:
+        z0 = out
+    images = codec.decode(z0.to(device))  # (B, 3, H, W) in [-1, 1]
+    return to_uint8(images)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int = 4, scale: int = 2, pad: int = 2):
+    """uint8 (B, H, W, 3) → one PNG grid, each image upscaled ×scale (nearest) for viewing."""
+    B, H, W, _ = images.shape
+    ncol = min(ncol, B)
+    nrow = (B + ncol - 1) // ncol
+    h, w = H * scale, W * scale
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + pad) + pad), (128, 128, 128))
+    for i, img in enumerate(images):
+        tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
+        grid.paste(tile, (pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
+    atomic_save(grid, path)
+
+
+def atomic_save(img: Image.Image, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                        --profile: the Fig. 7 latency breakdown                #
+#################################################################################
+
+
+@torch.no_grad()
+def profile(model, tower, codec, prompt: str, preset, *, steps, cfg, device="cpu", repeats: int = 3) -> dict:
+    """Seconds spent in U (once), R (per step), G (per step) and decode, best of `repeats`.
+
+    R is timed with forward hooks on the router module; G is the rest of each model call.
+    """
+    def sync():
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    best = None
+    for _ in range(repeats):
+        router_time = [0.0]
+        start = {}
+
+        def pre(_m, _i):
+            sync()
+            start["r"] = time.perf_counter()
+
+        def post(_m, _i, _o):
+            sync()
+            router_time[0] += time.perf_counter() - start["r"]
+
+        hooks = [model.router.register_forward_pre_hook(pre), model.router.register_forward_hook(post)]
+        sync()
+        t0 = time.perf_counter()
+        prompts = [prompt] + ([""] if cfg != 1.0 else [])
+        states, mask = tower(prompts)
+        states, mask = states.to(device), mask.to(device)
+        projected = model.project_states(states)
+        sync()
+        t1 = time.perf_counter()
+        size = preset.model.image_size
+        z = initial_noise(1, (codec.channels, size // codec.factor, size // codec.factor), 0).to(device)
+        euler_sample(lambda zz, tt: model(zz, tt, states, mask, projected=projected), z,
+                     sampling_schedule(steps), cfg=cfg)
+        sync()
+        t2 = time.perf_counter()
+        codec.decode(z)
+        sync()
+        t3 = time.perf_counter()
+        for h in hooks:
+            h.remove()
+        r = router_time[0]
+        res = {"understanding_tower_s": t1 - t0, "router_per_step_s": r / steps,
+               "generation_tower_per_step_s": (t2 - t1 - r) / steps, "decode_s": t3 - t2,
+               "steps": steps, "cfg": cfg, "total_s": t3 - t0, "device": str(device)}
+        if best is None or res["total_s"] < best["total_s"]:
+            best = res
+    return best
+
+
+def print_profile(p: dict):
+    rows = [("understanding tower (once)", p["understanding_tower_s"]),
+            ("router (per step)", p["router_per_step_s"]),
+            ("generation tower (per step)", p["generation_tower_per_step_s"]),
+            ("decode (once)", p["decode_s"]),
+            (f"total ({p['steps']} steps, cfg {p['cfg']})", p["total_s"])]
+    print(f"{'stage':<34}{'ms':>10}")
+    for name, s in rows:
+        print(f"{name:<34}{1000 * s:>10.2f}")
+    print(json.dumps(p))
+
+
+#################################################################################
+#                    --router-viz: the Fig. 14 router visualisation             #
+#################################################################################
+
+
+def heat(values: np.ndarray, cell: int = 14) -> Image.Image:
+    """A 2-D array → white-to-dark-blue heat map, each value a cell×cell square (row max = darkest)."""
+    v = values / max(values.max(), 1e-12)
+    rgb = np.stack([255 - 225 * v, 255 - 195 * v, 255 - 35 * v], -1).astype(np.uint8)  # (r, c, 3)
+    return Image.fromarray(rgb).resize((values.shape[1] * cell, values.shape[0] * cell), Image.NEAREST)
+
+
+def labelled(img: Image.Image, title: str, left: list[str] | None = None, margin: int = 120) -> Image.Image:
+    """Put a title above and optional row labels to the left of an image."""
+    lm = margin if left else 4
+    canvas = Image.new("RGB", (img.width + lm + 4, img.height + 22), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((lm, 4), title, fill="black")
+    canvas.paste(img, (lm, 20))
+    if left:
+        rh = img.height / len(left)
+        for i, s in enumerate(left):
+            d.text((4, 20 + i * rh + rh / 2 - 5), s[:18], fill="black")
+    return canvas
+
+
+def router_viz(model, tower, codec, prompt: str, preset, outdir: str, *, steps, cfg, seed=0, at_step=0, device="cpu"):
+    """Writes trajectory.png, layers_over_steps.png, tokens_x_layers.png (and their data as JSON)."""
+    if model.cfg.router.mode in ("last", "hand"):
+        raise ValueError("this checkpoint uses static routing: there is no router to visualise")
+    trace = {}
+    generate(model, tower, codec, [prompt], preset, seed=seed, steps=steps, cfg=cfg, device=device, trace=trace)
+    os.makedirs(outdir, exist_ok=True)
+    # Row 1: the denoising trajectory, ~8 frames from noise to image.
+    traj = trace["trajectory"]
+    pick = np.linspace(0, len(traj) - 1, min(8, len(traj))).round().astype(int)
+    frames = to_uint8(torch.cat([traj[i][:1] for i in pick]))
+    ts = trace["timesteps"]
+    save_grid(frames, os.path.join(outdir, "trajectory.png"), ncol=len(pick), scale=4)
+    # Row 2: mean routing weight of each understanding layer at each step (softmax, Eq. 3,
+    # averaged over generation blocks and real context tokens) — steps × m.
+    tokens = tower.tower.processor.tokenize(prompt) if hasattr(tower.tower.processor, "tokenize") else None
+    _, mask = tower([prompt])
+    real = mask[0]
+    weights = [lg[0][real].softmax(-1).mean(dim=(0, 1)).numpy() for lg in trace["logits"]]  # each (m,)
+    per_step = np.stack(weights)  # (T, m)
+    step_labels = [f"t={float(t):.2f}" for t in ts[:-1]]
+    keep = np.linspace(0, len(per_step) - 1, min(12, len(per_step))).round().astype(int)
+    img = labelled(heat(per_step[keep]), "mean routing weight per und. layer (cols: S_0..S_m-1)",
+                   [step_labels[i] for i in keep])
+    atomic_save(img, os.path.join(outdir, "layers_over_steps.png"))
+    # Row 3: per-token × layer map at one step (averaged over generation blocks) — L × m.
+    at = min(at_step, len(trace["logits"]) - 1)
+    tok = trace["logits"][at][0][real].softmax(-1).mean(dim=1).numpy()  # (L, m)
+    names = (["[CLS]"] + list(tokens) + ["[SEP]"]) if tokens and len(tokens) + 2 == tok.shape[0] else \
+        [f"token {i}" for i in range(tok.shape[0])]
+    img = labelled(heat(tok), f"routing weight per token at step {at} (t={float(ts[at]):.2f})", names)
+    atomic_save(img, os.path.join(outdir, "tokens_x_layers.png"))
+    with open(os.path.join(outdir, "router.json"), "w") as f:
+        json.dump({"prompt": prompt, "timesteps": [float(t) for t in ts[:-1]], "layers_over_steps": per_step.tolist(),
+                   "tokens": names, "tokens_x_layers": tok.tolist(), "at_step": at}, f)
+    return per_step, tok
+
+
+#################################################################################
+#                                       CLI                                     #
+#################################################################################
+
+
+def load_everything(ckpt: str, device="cpu"):
+    """Checkpoint → (model, memoised tower, codec, preset)."""
+    from gen_tower import load_codec
+    from train import TowerMemo, load_checkpoint
+    from und_tower import load_tower
+
+    model, preset, _ = load_checkpoint(ckpt, which="ema", device=device)
+    tower = TowerMemo(load_tower(preset.model.tower, device=device))
+    codec = load_codec(preset.model.codec).to(device)
+    return model, tower, codec, preset
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ValueError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} is empty")
+    return prompts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from a MoS checkpoint.")
+    p.add_argument("prompt", nargs="?", help="the text prompt")
+    p.add_argument("--prompts", help="a text file, one prompt per line → --outdir/0000.png, …")
+    p.add_argument("--outdir", default="samples")
+    p.add_argument("--out", default="sample.png")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint dir or run dir (default: the shipped toy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the preset's)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
+    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
+    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward batch")
+    p.add_argument("--profile", action="store_true", help="print the latency breakdown (Fig. 7)")
+    p.add_argument("--router-viz", metavar="DIR", help="write router visualisations (Fig. 14) to DIR")
+    p.add_argument("--viz-step", type=int, default=0, help="sampling step of the per-token map")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    from gen_tower import check_size
+
+    if args.prompt is None and args.prompts is None:
+        raise ValueError("give a prompt, or --prompts FILE")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    model, tower, codec, preset = load_everything(args.ckpt, args.device)
+    size = args.size or preset.model.image_size
+    check_size(size, preset.model.codec, preset.model.gen.patch_size)
+    opts = dict(steps=args.steps or preset.train.sample_steps, cfg=preset.train.cfg if args.cfg is None else args.cfg)
+    if args.profile:
+        print_profile(profile(model, tower, codec, prompts[0], preset, device=args.device, **opts))
+    if args.router_viz:
+        router_viz(model, tower, codec, prompts[0], preset, args.router_viz, seed=args.seed,
+                   at_step=args.viz_step, device=args.device, **opts)
+        print(f"router visualisation written to {args.router_viz}/", file=sys.stderr)
+    kw = dict(shift=args.shift, schedule=args.schedule, rescale=args.rescale, size=size, device=args.device, **opts)
+    if args.prompts:
+        os.makedirs(args.outdir, exist_ok=True)
+        for s in range(0, len(prompts), args.batch_size):
+            imgs = generate(model, tower, codec, prompts[s:s + args.batch_size], preset, seed=args.seed + s, **kw)
+            for i, img in enumerate(imgs):
+                atomic_save(Image.fromarray(img), os.path.join(args.outdir, f"{s + i:04d}.png"))
+        print(f"wrote {len(prompts)} images to {args.outdir}/", file=sys.stderr)
+    else:
+        img = generate(model, tower, codec, prompts, preset, seed=args.seed, **kw)[0]
+        atomic_save(Image.fromarray(img), args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

