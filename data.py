@@ -652,3 +652,240 @@ def edit_batch(seed: int, start: int, batch_size: int, size: int = 32):
         src[b], tgt[b] = render(edit.source, size), render(edit.target, size)
         instructions.append(edit.instruction)
     return to_tensor(src), instructions, to_tensor(tgt)  # (B, 3, S, S), B strings, (B, 3, S, S)
+
+
+########################################################################################
+#                  Real data: image–caption folders and JSONL manifests                 #
+########################################################################################
+# A folder of images with same-name .txt captions (cat.png + cat.txt), or a JSONL manifest
+# with one {"image": path, "caption": text} per line (paths relative to the manifest).
+# Images are grouped into aspect-ratio buckets at the preset's pixel area and every batch
+# comes from one bucket (App. A, "Bucket-wise Dynamic Resolution Training"), so a batch is
+# one tensor and the generation tower's 2D RoPE simply covers that bucket's grid.
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Aspect ratios (w / h) of the buckets; each becomes a (h, w) of about the target area.
+BUCKET_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
+
+
+def read_records(spec: str) -> list[tuple[str, str]]:
+    """A folder or a .jsonl manifest → [(image path, caption)]. One clear ValueError if unreadable."""
+    import json
+    import os
+
+    if os.path.isdir(spec):
+        try:
+            names = sorted(os.listdir(spec))
+        except OSError as e:
+            raise ValueError(f"cannot read data folder {spec!r}: {e.strerror}") from None
+        records = []
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            txt = os.path.join(spec, stem + ".txt")
+            if ext.lower() in IMAGE_EXTS and os.path.exists(txt):
+                with open(txt, encoding="utf-8", errors="replace") as f:
+                    records.append((os.path.join(spec, name), f.read().strip()))
+    elif os.path.isfile(spec) and spec.endswith(".jsonl"):
+        root, records = os.path.dirname(os.path.abspath(spec)), []
+        with open(spec, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    records.append((os.path.join(root, item["image"]), str(item["caption"])))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{spec}:{n}: expected a JSON object with 'image' and 'caption'") from None
+    else:
+        raise ValueError(f"data {spec!r} is neither a folder of images + .txt captions nor a .jsonl manifest")
+    if not records:
+        raise ValueError(f"data {spec!r} holds no (image, caption) pairs")
+    return records
+
+
+def make_buckets(area: int, multiple: int, ratios=BUCKET_RATIOS) -> list[tuple[int, int]]:
+    """(h, w) per aspect ratio with h·w ≈ area, both multiples of `multiple` (codec × patch)."""
+    out = []
+    for r in ratios:
+        h = max(multiple, round(math.sqrt(area / r) / multiple) * multiple)
+        w = max(multiple, round(math.sqrt(area * r) / multiple) * multiple)
+        if (h, w) not in out:
+            out.append((h, w))
+    return out
+
+
+def resize_center_crop(img, hw: tuple[int, int]):
+    """Scale a PIL image so it covers (h, w), then crop the centre."""
+    from PIL import Image
+
+    h, w = hw
+    scale = max(h / img.height, w / img.width)
+    img = img.convert("RGB").resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                                    Image.BICUBIC)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+class ImageCaptionData:
+    """Batches of real (image, caption) pairs in aspect-ratio buckets.
+
+    `batch(step, B)` is a pure function of (seed, step): it picks a bucket with probability
+    proportional to its size, then B examples of that bucket — so a resumed run sees exactly
+    the batches the uninterrupted run would. Files that cannot be opened are skipped and
+    counted (one warning per scan and per batch), never a crash.
+    """
+
+    def __init__(self, spec: str, area: int, multiple: int, seed: int = 0):
+        import warnings
+
+        from PIL import Image
+
+        self.seed, self.buckets = seed, make_buckets(area, multiple)
+        self.members: dict[int, list[tuple[str, str]]] = {}
+        self.skipped = 0
+        for path, caption in read_records(spec):
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    w, h = im.size
+            except Exception:  # PIL raises many types for bad files
+                self.skipped += 1
+                continue
+            b = min(range(len(self.buckets)), key=lambda i: abs(math.log((w / h) / (self.buckets[i][1] / self.buckets[i][0]))))
+            self.members.setdefault(b, []).append((path, caption))
+        if self.skipped:
+            warnings.warn(f"{spec}: skipped {self.skipped} unreadable image file(s)")
+        if not self.members:
+            raise ValueError(f"data {spec!r}: none of the images could be read")
+        self.keys = sorted(self.members)
+
+    def __len__(self):
+        return sum(len(v) for v in self.members.values())
+
+    def batch(self, step: int, batch_size: int):
+        """→ images (B, 3, h, w) float32 in [-1, 1], B captions; one bucket per batch."""
+        import warnings
+
+        from PIL import Image
+
+        rng = np.random.default_rng([self.seed, 7, step])
+        sizes = np.array([len(self.members[k]) for k in self.keys], dtype=np.float64)
+        key = self.keys[int(rng.choice(len(self.keys), p=sizes / sizes.sum()))]
+        pool, hw = self.members[key], self.buckets[key]
+        imgs, caps, bad = [], [], 0
+        for i in rng.choice(len(pool), size=batch_size * 2, replace=len(pool) < batch_size * 2):
+            path, caption = pool[int(i)]
+            try:
+                with Image.open(path) as im:
+                    imgs.append(np.asarray(resize_center_crop(im, hw)))
+                caps.append(caption)
+            except Exception:
+                bad += 1
+            if len(imgs) == batch_size:
+                break
+        if bad:
+            warnings.warn(f"skipped {bad} unreadable image file(s) in batch {step}")
+        if not imgs:
+            raise ValueError(f"batch {step}: no image of bucket {hw} could be read")
+        return to_tensor(np.stack(imgs)), caps
+
+
+########################################################################################
+#             The understanding-feature cache (App. B.4, producer–consumer)             #
+########################################################################################
+# U is frozen, so its states for a caption never change. A producer runs U once over all
+# captions and writes every state S_0..S_{m-1} of every real token to safetensors shards;
+# training (the consumer) then reads them instead of running U — the paper's recipe for
+# scaling the understanding tower at no training cost. The shards hold fp16 states
+# (B_shard, L_max, m, D), the true lengths, and the captions in the file's metadata.
+
+
+def build_feature_cache(tower, captions, out_dir: str, shard_size: int = 1024, batch_size: int = 64,
+                        progress: bool = True) -> int:
+    """Encode unique captions with `tower` (an und_tower.UnderstandingTower) into shards."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    unique = list(dict.fromkeys(captions))
+    os.makedirs(out_dir, exist_ok=True)
+    bar = tqdm(total=len(unique), desc="feature cache", disable=not progress)
+    for shard, start in enumerate(range(0, len(unique), shard_size)):
+        chunk = unique[start:start + shard_size]
+        seqs = []
+        for s in range(0, len(chunk), batch_size):
+            out = tower(chunk[s:s + batch_size])
+            for i in range(out.states.shape[0]):
+                seqs.append(out.states[i, : int(out.mask[i].sum())].to(torch.float16))  # (L_i, m, D)
+            bar.update(min(batch_size, len(chunk) - s))
+        L = max(x.shape[0] for x in seqs)
+        states = torch.zeros(len(seqs), L, *seqs[0].shape[1:], dtype=torch.float16)  # (N, L, m, D)
+        for i, x in enumerate(seqs):
+            states[i, : x.shape[0]] = x
+        lengths = torch.tensor([x.shape[0] for x in seqs], dtype=torch.int64)
+        path = os.path.join(out_dir, f"features-{shard:05d}.safetensors")
+        save_file({"states": states, "lengths": lengths}, path + ".tmp", metadata={"captions": json.dumps(chunk)})
+        os.replace(path + ".tmp", path)  # atomic: a shard is complete or absent
+    bar.close()
+    return len(unique)
+
+
+def load_feature_cache(cache_dir: str) -> dict[str, torch.Tensor]:
+    """All shards → {caption: (L_i, m, D) float32 states}."""
+    import glob
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    paths = sorted(glob.glob(os.path.join(cache_dir, "features-*.safetensors")))
+    if not paths:
+        raise ValueError(f"feature cache {cache_dir!r} holds no features-*.safetensors shard")
+    memo = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            captions = json.loads(f.metadata()["captions"])
+            states, lengths = f.get_tensor("states"), f.get_tensor("lengths")
+        for i, c in enumerate(captions):
+            memo[c] = states[i, : int(lengths[i])].float()
+    return memo
+
+
+########################################################################################
+#                      Command line: build a feature cache (producer)                   #
+########################################################################################
+#   python data.py --cache DIR --data photos/            # captions of a folder / .jsonl
+#   python data.py --cache DIR --shapesworld 200000      # captions of the first N examples
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Precompute understanding-tower states for a set of captions.")
+    p.add_argument("--cache", required=True, help="output directory for the safetensors shards")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a folder of images + .txt captions, or a .jsonl manifest")
+    src.add_argument("--shapesworld", type=int, metavar="N", help="captions of ShapesWorld examples 0..N-1")
+    p.add_argument("--seed", type=int, default=0, help="ShapesWorld stream seed")
+    p.add_argument("--tower", default="minilm", help="und_tower.load_tower name, hub id or path")
+    args = p.parse_args(argv)
+    from und_tower import load_tower
+
+    if args.data:
+        captions = [c for _, c in read_records(args.data)]
+    else:
+        captions = [sample_example(example_rng(args.seed, i))[1] for i in range(args.shapesworld)]
+    n = build_feature_cache(load_tower(args.tower), captions, args.cache)
+    print(f"cached the states of {n} unique captions in {args.cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

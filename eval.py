@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 
@@ -286,3 +287,87 @@ def edit_correct(target_objs, detected, size: int) -> bool:
 ########################################################################################
 # Generates the benchmark images with a checkpoint (sample.py / edit.py) and prints the
 # scores above as JSON (DESIGN §6).
+
+
+def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_prompt: int = 2, seed: int = 0,
+             steps: int | None = None, cfg: float | None = None, batch_size: int = 100, device="cpu",
+             save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate `images_per_prompt` images for every benchmark prompt and score them.
+
+    Image j of prompt i uses noise seed `seed + 1000·j + i`, so the set is fixed by the seed.
+    """
+    from tqdm import tqdm
+
+    from sample import atomic_save, generate
+
+    prompts = benchmark_prompts(seed=seed, per_category=per_category)
+    jobs = [(i, j) for j in range(images_per_prompt) for i in range(len(prompts))]
+    records = []
+    bar = tqdm(total=len(jobs), desc="eval", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        texts = [prompts[i]["prompt"] for i, _ in chunk]
+        seeds = [seed + 1000 * j + i for i, j in chunk]
+        imgs = generate(model, tower, codec, texts, preset, seeds=seeds, steps=steps, cfg=cfg, device=device)
+        for (i, j), img in zip(chunk, imgs):
+            graded = grade([prompts[i]], [img])[0]
+            records.append(graded | {"repeat": j})
+            if save_dir:
+                from PIL import Image
+
+                atomic_save(Image.fromarray(img), os.path.join(save_dir, f"{graded['category']}-{i:03d}-{j}.png"))
+        bar.update(len(chunk))
+    bar.close()
+    return score(records), records
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Score a MoS checkpoint on the ShapesWorld benchmark (JSON on stdout).")
+    p.add_argument("--ckpt", default=None, help="checkpoint dir or run dir (default: the shipped toy)")
+    p.add_argument("--per-category", type=int, default=50, help="prompts per category")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    import json
+    import sys
+
+    import torch
+
+    from sample import DEFAULT_CKPT, load_everything
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
+    scores, _ = evaluate(model, tower, codec, preset, per_category=args.per_category,
+                         images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                         cfg=args.cfg, batch_size=args.batch_size, device=device, save_dir=args.save_images)
+    scores |= {"steps": args.steps or preset.train.sample_steps,
+               "cfg": preset.train.cfg if args.cfg is None else args.cfg,
+               "images_per_prompt": args.images_per_prompt, "per_category": args.per_category}
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main(parse_args()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

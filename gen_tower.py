@@ -56,8 +56,17 @@ class GenConfig:
     patch_size: int = 2  # p, on the codec's output (pixels for the toy, VAE latents otherwise)
     registers: int = 4  # App. A: "four auxiliary learnable tokens" (Darcet et al. 2023)
     rope_theta: float = 10000.0
+    # What the output head predicts. "v": the velocity z1 - z0 directly (the paper's Eq. 1).
+    # "x": the clean sample z0, turned into v̂ = (z_t - ẑ0) / t (Li & He 2025, "Back to
+    # Basics: Let Denoising Generative Models Denoise"). The loss and the sampler still see a
+    # velocity, so nothing else changes. In pixel space the clean image (flat colours on
+    # white) is far easier to predict than v, which carries the full noise; the toy uses "x".
+    prediction: str = "v"
+    t_min: float = 0.05  # floor on t in (z_t - ẑ0) / t, so v̂ stays bounded near the data end
 
     def __post_init__(self):
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"gen prediction must be 'v' or 'x', got {self.prediction!r}")
         if self.dim % self.heads or (self.dim // self.heads) % 4:
             raise ValueError(f"gen dim {self.dim} / heads {self.heads} must give a head dim divisible by 4 (2D RoPE)")
 
@@ -309,6 +318,8 @@ class MoS(nn.Module):
                 ctx = mix_states(projected, idx[:, :, j], wts[:, :, j]) + self.gen.ctx_proj.bias  # (B, L, D_g)
             x = block(x, ctx, mask, rope, gcfg.registers)  # (B, R+N, D_g)
         v = self.gen.unembed(x[:, gcfg.registers:], h, w)  # (B, C, h, w)
+        if gcfg.prediction == "x":  # the head predicted ẑ0; v̂ = (z_t - ẑ0) / t
+            v = (x_t - v) / t.clamp(min=gcfg.t_min).view(B, 1, 1, 1).to(v.dtype)
         if return_routing:
             return v, {"idx": idx, "weights": wts, "logits": logits}
         return v

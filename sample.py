@@ -42,19 +42,21 @@ DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "toy")
 #################################################################################
 
 
-def initial_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
-    """z_1 for n images: image i gets the noise of seed `seed + i`, drawn on its own, so a
-    prompt's picture never depends on the batch it was generated in (line i of a prompt file
-    with --seed S is the same image as that prompt alone with --seed S+i)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
+    """z_1, one image per seed, each drawn on its own generator: a picture depends only on its
+    prompt and its seed, never on the batch it was generated in. (Line i of a prompt file with
+    --seed S is the same image as that prompt alone with --seed S+i.)"""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
-def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 0, steps: int | None = None,
+def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 0, seeds: list[int] | None = None,
+             steps: int | None = None,
              cfg: float | None = None, shift: float = 1.0, schedule: str = "linear", rescale: float = 0.0,
              size: int | None = None, device="cpu", trace: dict | None = None) -> np.ndarray:
-    """Prompts → uint8 images (B, H, W, 3). `trace`, if given, collects the trajectory and the
-    router's logits at every step (for --router-viz)."""
+    """Prompts → uint8 images (B, H, W, 3). Image i uses noise seed `seeds[i]` (default
+    `seed + i`). `trace`, if given, collects the trajectory and the router's logits at every
+    step (for --router-viz)."""
     mcfg, tcfg = preset.model, preset.train
     steps = steps or tcfg.sample_steps
     cfg = tcfg.cfg if cfg is None else cfg
@@ -66,7 +68,8 @@ def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 
     states, mask = tower_fn(list(prompts) + ([""] * B if guided else []))  # (B or 2B, L, m, D_u)
     states, mask = states.to(device), mask.to(device)
     projected = model.project_states(states)  # (B or 2B, L, m, D_g): once for all steps and blocks
-    z1 = initial_noise(B, (channels, size // factor, size // factor), seed).to(device)
+    seeds = [seed + i for i in range(B)] if seeds is None else list(seeds)
+    z1 = initial_noise(seeds, (channels, size // factor, size // factor)).to(device)
     ts = sampling_schedule(steps, shift=shift, kind=schedule)
 
     def model_fn(z, t):
@@ -150,9 +153,9 @@ def profile(model, tower, codec, prompt: str, preset, *, steps, cfg, device="cpu
         sync()
         t1 = time.perf_counter()
         size = preset.model.image_size
-        z = initial_noise(1, (codec.channels, size // codec.factor, size // codec.factor), 0).to(device)
-        euler_sample(lambda zz, tt: model(zz, tt, states, mask, projected=projected), z,
-                     sampling_schedule(steps), cfg=cfg)
+        z = initial_noise([0], (codec.channels, size // codec.factor, size // codec.factor)).to(device)
+        z = euler_sample(lambda zz, tt: model(zz, tt, states, mask, projected=projected), z,
+                         sampling_schedule(steps), cfg=cfg)
         sync()
         t2 = time.perf_counter()
         codec.decode(z)

@@ -142,6 +142,38 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]()
 
 
+def apply_overrides(preset: Preset, assignments: list[str]) -> Preset:
+    """`--set model.gen.dim=256 train.lr=2e-3`: change any preset field from the command line.
+
+    The value is parsed with the type of the field it replaces, so typos fail loudly."""
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        *path, leaf = key.split(".")
+        obj = preset
+        for part in path:
+            if not hasattr(obj, part):
+                raise ValueError(f"--set {key}: no field {part!r}")
+            obj = getattr(obj, part)
+        if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"--set {key}: no field {leaf!r} in {type(obj).__name__}")
+        old = getattr(obj, leaf)
+        try:
+            if isinstance(old, bool):
+                value = raw.lower() in ("1", "true", "yes")
+            elif isinstance(old, tuple):
+                value = tuple(type(old[0])(v) for v in raw.split(","))
+            else:
+                value = type(old)(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}: {raw!r} is not a valid {type(old).__name__}") from None
+        setattr(obj, leaf, value)
+        if hasattr(obj, "__post_init__"):
+            obj.__post_init__()  # re-validate (e.g. heads must divide dim)
+    return preset
+
+
 def build_model(cfg: ModelConfig, device="cpu") -> MoS:
     check_size(cfg.image_size, cfg.codec, cfg.gen.patch_size)
     with torch.device(device):
@@ -183,28 +215,36 @@ class TowerMemo:
     """The understanding tower behind a per-caption memo.
 
     U is frozen (Sec. 3.1), so a caption's states never change: compute them once and reuse
-    them. ShapesWorld has a finite caption vocabulary, so after a few hundred steps training
-    never runs U at all — the in-memory form of the paper's producer–consumer feature cache
-    (App. B.4). Returns padded (B, L, m, D) states and a (B, L) bool mask.
+    them. ShapesWorld's captions repeat a lot, so training soon runs U only for the few new
+    captions of each batch — the in-memory form of the paper's producer–consumer feature
+    cache (App. B.4). `memo` can be pre-filled from an on-disk cache (data.load_feature_cache),
+    and `tower` may be a zero-argument loader: U is then only loaded if a caption is missing.
+    Returns padded (B, L, m, D) float32 states and a (B, L) bool mask.
     """
 
-    def __init__(self, tower, max_items: int = 200_000):
-        self.tower, self.max_items, self.memo = tower, max_items, {}
+    def __init__(self, tower, memo: dict | None = None, max_items: int = 500_000):
+        self._tower, self.max_items, self.memo = tower, max_items, dict(memo or {})
+
+    @property
+    def tower(self):
+        if callable(self._tower) and not isinstance(self._tower, nn.Module):
+            self._tower = self._tower()  # lazy load on first miss
+        return self._tower
 
     def __call__(self, captions: list[str]):
         todo = sorted({c for c in captions if c not in self.memo})
+        extra = {}
         if todo:
             out = self.tower(todo)
             for i, c in enumerate(todo):
-                n = int(out.mask[i].sum())
-                if len(self.memo) < self.max_items:
-                    self.memo[c] = out.states[i, :n].float()  # (L_i, m, D) real tokens only
-        seqs = [self.memo[c] if c in self.memo else self.tower([c]).states[0].float() for c in captions]
-        L = max(s.shape[0] for s in seqs)
+                states = out.states[i, : int(out.mask[i].sum())].float()  # (L_i, m, D) real tokens only
+                (self.memo if len(self.memo) < self.max_items else extra)[c] = states
+        seqs = [self.memo[c] if c in self.memo else extra[c] for c in captions]
+        L = max(x.shape[0] for x in seqs)
         states = torch.zeros(len(seqs), L, *seqs[0].shape[1:])  # (B, L, m, D)
         mask = torch.zeros(len(seqs), L, dtype=torch.bool)  # (B, L)
-        for i, s in enumerate(seqs):
-            states[i, : s.shape[0]], mask[i, : s.shape[0]] = s, True
+        for i, x in enumerate(seqs):
+            states[i, : x.shape[0]], mask[i, : x.shape[0]] = x, True
         return states, mask
 
 
@@ -300,8 +340,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
-def train(preset: Preset, out: str, resume: str | None = None, device="cpu", quiet=False, stop_at: int | None = None):
-    """The single-process training loop. Returns the list of (step, loss) it logged."""
+def make_data(spec: str, mcfg: ModelConfig, seed: int):
+    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs."""
+    import data
+
+    if spec == "shapesworld":
+        return lambda step, B: data.shapes_batch(seed, step * B, B, mcfg.image_size)
+    real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
+                                 multiple=codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size, seed=seed)
+    return real.batch
+
+
+def train(preset: Preset, out: str, resume: str | None = None, device="cpu", quiet=False, stop_at: int | None = None,
+          data_spec: str = "shapesworld", features: str | None = None):
+    """The single-process training loop. Returns the list of (step, loss) it logged.
+
+    data_spec: "shapesworld" or a folder / .jsonl of image–caption pairs.
+    features: an on-disk understanding-feature cache (data.build_feature_cache); U is then
+    loaded only if a caption is missing from it.
+    """
     from tqdm import tqdm
 
     import data
@@ -325,17 +382,22 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         log(f"resumed from {ckpt} at step {start}", quiet)
-    tower = TowerMemo(load_tower(mcfg.tower, device=device))
+    memo = data.load_feature_cache(features) if features else None
+    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device), memo=memo)
+    if memo is None:
+        log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
+    else:
+        log(f"understanding states for {len(memo)} captions from the feature cache {features}", quiet)
+    batch_fn = make_data(data_spec, mcfg, tcfg.seed)
     codec = load_codec(mcfg.codec).to(device)
-    log(f"generation tower {count(model.gen) / 1e6:.2f}M · router {count(model.router) / 1e6:.2f}M · "
-        f"understanding tower {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
+    log(f"generation tower {count(model.gen) / 1e6:.2f}M · router {count(model.router) / 1e6:.2f}M", quiet)
     os.makedirs(out, exist_ok=True)
     end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
     history, last_good = [], None
     bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=quiet, dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        batch = data.shapes_batch(tcfg.seed, step * tcfg.batch_size, tcfg.batch_size, mcfg.image_size)
+        batch = batch_fn(step, tcfg.batch_size)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
         loss, per_sample, t = training_step(model, batch, tower, codec, preset, step, device)
@@ -392,6 +454,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", default=None, help="a run directory (latest checkpoint) or one checkpoint")
+    p.add_argument("--data", default="shapesworld", help="'shapesworld', a folder of images + .txt captions, or a .jsonl")
+    p.add_argument("--features", default=None, help="understanding-feature cache dir (python data.py --cache ...)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override preset fields, e.g. --set model.gen.depth=8 train.lr=2e-3")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dry-run", action="store_true", help="print sizes (meta device) and exit")
     return p.parse_args(argv)
@@ -406,6 +473,7 @@ def main(args) -> int:
     for key in ("steps", "batch_size", "lr"):
         if getattr(args, key) is not None:
             setattr(preset.train, key, getattr(args, key))
+    apply_overrides(preset, args.set)
     if args.dry_run:
         sizes = dry_run(preset)
         print(f"preset {args.preset}: {preset.about}")
@@ -416,8 +484,8 @@ def main(args) -> int:
         return 0
     out = args.out or (args.resume if args.resume and not os.path.exists(os.path.join(args.resume, "config.json"))
                        else os.path.join("runs", args.preset))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    train(preset, out, resume=args.resume, device=args.device)
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    train(preset, out, resume=args.resume, device=args.device, data_spec=args.data, features=args.features)
     print(f"done: checkpoints in {out}")
     return 0
 

@@ -1,0 +1,143 @@
+"""train.py: preset sizes on meta, a tiny MoS overfits, exact resume, non-finite stop, checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from gen_tower import GenConfig
+from router import RouterConfig
+from train import PRESETS, build_model, count, dry_run, get_preset, load_checkpoint, lr_at, save_checkpoint
+
+
+@pytest.mark.parametrize("name, gen, router", [
+    ("ablation", 1.0e9, None),  # Sec. 4.1: "a 1B transformer for the generation tower"
+    ("mos_s", 3.0e9, 100e6),  # Sec. 3.5: 3B generation tower, 100M router
+    ("mos_l", 5.0e9, 100e6),  # Sec. 3.5: 5B generation tower, 100M router
+])
+def test_full_presets_on_meta_match_the_paper_within_10_percent(name, gen, router):
+    sizes = dry_run(get_preset(name))
+    assert abs(sizes["generation_tower"] / gen - 1) < 0.10, sizes
+    if router:
+        assert abs(sizes["router"] / router - 1) < 0.10, sizes
+
+
+def test_presets_carry_the_true_tower_shapes():
+    from und_tower import tower_shape
+
+    for name in ("toy", "ablation", "mos_s", "mos_l"):
+        m = get_preset(name).model
+        assert (m.und_states, m.und_dim) == tower_shape(m.tower), name
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset 'mos_xl'; choose one of"):
+        get_preset("mos_xl")
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = get_preset("toy").train
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / cfg.warmup)
+    assert lr_at(cfg.warmup - 1, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(cfg.steps, cfg) == pytest.approx(cfg.lr_min)
+    lrs = [lr_at(s, cfg) for s in range(cfg.warmup, cfg.steps)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def tiny_preset(steps=4):
+    p = get_preset("toy")
+    p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=8)
+    p.model.router = RouterConfig(dim=16, heads=2)
+    p.train.steps, p.train.batch_size, p.train.warmup = steps, 4, 2
+    p.train.ckpt_every, p.train.sample_every, p.train.log_every = 2, 0, 1
+    return p
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from und_tower import load_tower
+
+    return load_tower("minilm")
+
+
+def test_tiny_mos_overfits_a_fixed_batch(minilm):
+    """Embedded MiniLM + a small generation tower memorise 8 image–caption pairs.
+
+    The batch is fully fixed — images, captions, noise z1 and timesteps t — so the target is a
+    deterministic function of the inputs and the loss can go to ~0; a 10× drop shows that the
+    whole path (tower states → router → mixing → Proj → blocks → head) learns.
+    """
+    import data
+
+    torch.manual_seed(0)
+    p = get_preset("toy")
+    p.model.gen = GenConfig(dim=64, depth=3, heads=4, patch_size=4)
+    p.model.router = RouterConfig(dim=32, heads=2)
+    model = build_model(p.model)
+    images, captions = data.shapes_batch(seed=0, start=0, batch_size=8, size=32)
+    out = minilm(captions)
+    states, mask = out.states, out.mask
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(8, generator=g)
+    z1 = torch.randn(images.shape, generator=g)
+    z_t = (1 - t.view(-1, 1, 1, 1)) * images + t.view(-1, 1, 1, 1) * z1
+    target = z1 - images
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for step in range(300):
+        loss = (model(z_t, t, states, mask, eps=0.05) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_resume_gives_the_same_next_loss(tmp_path, minilm, monkeypatch):
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    full = train.train(tiny_preset(steps=4), str(tmp_path / "full"), quiet=True)
+    part = train.train(tiny_preset(steps=4), str(tmp_path / "part"), quiet=True, stop_at=2)
+    resumed = train.train(tiny_preset(steps=4), str(tmp_path / "part"), resume=str(tmp_path / "part"), quiet=True)
+    assert [s for s, _ in part] == [0, 1] and [s for s, _ in resumed] == [2, 3]
+    assert part[1][1] == full[1][1]
+    assert resumed[0][1] == full[2][1]  # the loss at step s+1 after a resume, bit for bit
+    assert resumed[1][1] == full[3][1]
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, minilm, monkeypatch):
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    real_step = train.training_step
+
+    def poisoned(model, batch, *a, **k):
+        loss, per, t = real_step(model, batch, *a, **k)
+        return (loss * float("nan") if a[-2] == 3 else loss), per, t
+
+    monkeypatch.setattr(train, "training_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3.*step-000002"):
+        train.train(tiny_preset(steps=6), str(tmp_path / "run"), quiet=True)
+    model, _, ckpt = load_checkpoint(str(tmp_path / "run"))
+    assert ckpt.endswith("step-000002")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoint_roundtrip_and_corrupt_checkpoint_errors(tmp_path):
+    p = tiny_preset()
+    model = build_model(p.model)
+    ckpt = save_checkpoint(str(tmp_path), 7, model, model, p, state=None)
+    assert not any(d.endswith(".tmp") for d in os.listdir(tmp_path))  # atomic: no temp left
+    loaded, preset, path = load_checkpoint(str(tmp_path))
+    assert path == ckpt and preset.model == p.model
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with open(os.path.join(ckpt, "ema.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="missing or corrupt"):
+        load_checkpoint(ckpt)
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="unreadable config.json"):
+        load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
