@@ -282,6 +282,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="a text file, one prompt per line → --outdir/0000.png, …")
     p.add_argument("--outdir", default="samples")
     p.add_argument("--out", default="sample.png")
+    p.add_argument("--grid", metavar="FILE.png", help="with --prompts: also write all images as one grid")
+    p.add_argument("--ncol", type=int, default=8, help="grid columns")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint dir or run dir (default: the shipped toy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
@@ -319,10 +321,14 @@ def main(args) -> int:
     kw = dict(shift=args.shift, schedule=args.schedule, rescale=args.rescale, size=size, device=args.device, **opts)
     if args.prompts:
         os.makedirs(args.outdir, exist_ok=True)
+        everything = []
         for s in range(0, len(prompts), args.batch_size):
             imgs = generate(model, tower, codec, prompts[s:s + args.batch_size], preset, seed=args.seed + s, **kw)
             for i, img in enumerate(imgs):
                 atomic_save(Image.fromarray(img), os.path.join(args.outdir, f"{s + i:04d}.png"))
+            everything.append(imgs)
+        if args.grid:
+            save_grid(np.concatenate(everything), args.grid, ncol=args.ncol, scale=3)
         print(f"wrote {len(prompts)} images to {args.outdir}/", file=sys.stderr)
     else:
         img = generate(model, tower, codec, prompts, preset, seed=args.seed, **kw)[0]

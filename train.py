@@ -96,10 +96,10 @@ def _toy() -> Preset:
     return Preset(
         model=ModelConfig(
             tower="minilm", und_states=7, und_dim=384, codec="pixel", image_size=32,
-            gen=GenConfig(dim=192, depth=6, heads=4, patch_size=4),
+            gen=GenConfig(dim=192, depth=6, heads=4, patch_size=4, prediction="x"),
             router=RouterConfig(dim=96, heads=4, k=2, eps=0.05),
         ),
-        train=TrainConfig(steps=3000, batch_size=64, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.998,
+        train=TrainConfig(steps=4000, batch_size=64, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.998,
                           log_every=25, sample_every=500, ckpt_every=250),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
     )

@@ -154,3 +154,18 @@ def test_wan_vae_codec_shapes_and_latent_normalisation():
     img = codec.decode(z)
     assert img.shape == x.shape and img.abs().max() <= 1
     assert not any(p.requires_grad for p in codec.parameters())
+
+
+def test_x_prediction_returns_the_velocity_of_the_predicted_clean_image():
+    cfg = tiny_cfg()
+    cfg.gen.prediction = "x"
+    model = trained_ish(cfg)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 0.01])
+    S, mask = torch.randn(2, 5, 7, 24), torch.ones(2, 5, dtype=torch.bool)
+    v = model(x, t, S, mask)
+    cfg.gen.prediction = "v"
+    x0_hat = model(x, t, S, mask)  # the same head output, read as ẑ0
+    t_used = t.clamp(min=cfg.gen.t_min).view(2, 1, 1, 1)  # t = 0.01 is floored at t_min
+    assert torch.allclose(v, (x - x0_hat) / t_used, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        GenConfig(prediction="eps")

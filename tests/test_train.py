@@ -141,3 +141,18 @@ def test_checkpoint_roundtrip_and_corrupt_checkpoint_errors(tmp_path):
         load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope"))
+
+
+def test_set_overrides_change_typed_fields_and_reject_typos():
+    from train import apply_overrides
+
+    p = apply_overrides(get_preset("toy"), ["model.gen.depth=8", "train.lr=2e-3", "train.betas=0.9,0.99",
+                                            "model.router.mode=last"])
+    assert p.model.gen.depth == 8 and p.train.lr == 2e-3 and p.train.betas == (0.9, 0.99)
+    assert p.model.router.mode == "last"
+    with pytest.raises(ValueError, match="no field 'dpeth'"):
+        apply_overrides(get_preset("toy"), ["model.gen.dpeth=8"])
+    with pytest.raises(ValueError, match="not a valid int"):
+        apply_overrides(get_preset("toy"), ["model.gen.depth=eight"])
+    with pytest.raises(ValueError, match="router mode"):
+        apply_overrides(get_preset("toy"), ["model.router.mode=xattn"])
