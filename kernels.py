@@ -112,6 +112,11 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _triton_installed() and not torch.compiler.is_compiling()
 
 
+def triton_active(x: torch.Tensor) -> bool:
+    """Would the ops of this file run their Triton kernels on `x` (backend and device)?"""
+    return _use_triton(x)
+
+
 @functools.cache
 def _jit(kernel):
     """`triton.jit(kernel)`, applied on the first launch rather than at import.

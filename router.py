@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import RMSNorm, SwiGLU
+from kernels import RMSNorm, SwiGLU, mix_states_fused, triton_active
 
 ROUTING_MODES = ("mos", "sample", "last", "hand")
 ROUTER_INPUTS = ("prompt", "prompt+latent", "prompt+latent+t")
@@ -110,8 +110,12 @@ def mix_states(states: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -
     returns (B, L, D)
 
     Called once per block, just before that block runs, so only one block's mixed context
-    exists at a time (never all n of them). The gather materialises (B, L, k, D), k = 2.
+    exists at a time (never all n of them). The gather materialises (B, L, k, D), k = 2;
+    on CUDA, with frozen states, kernels.mix_states_fused reads the k states by index
+    instead and never builds that tensor (same result; tested in tests/test_kernels.py).
     """
+    if triton_active(states) and not (states.requires_grad and torch.is_grad_enabled()):
+        return mix_states_fused(states, idx, weights)  # (B, L, D)
     B, L, m, D = states.shape
     picked = states.gather(2, idx.unsqueeze(-1).expand(B, L, idx.shape[-1], D))  # (B, L, k, D)
     return (weights.unsqueeze(-1).to(states.dtype) * picked).sum(dim=2)  # (B, L, D)

@@ -28,7 +28,7 @@ Beyond the paper, the fused state mixing (Eq. 4) is timed against the gather + w
 of router.mix_states it would replace: mos_s states projected to the generation width
 (m = 33 states of D = 3072), L context tokens, k = 2.
 
-Usage (GPU machine; runs in a few minutes):
+Usage (on a GPU machine):
     python bench/kernels.py                       # batch 2, 4, 8; bf16
     python bench/kernels.py --batch 4 --ops rms_norm swiglu --dtype fp32
 """
@@ -184,7 +184,7 @@ def main(args) -> None:
         f"`{' '.join(['python', 'bench/kernels.py'] + sys.argv[1:])}`",
         "",
         f"{device_name} · torch {torch.__version__} · triton {triton.__version__} · "
-        f"liger-kernel {'installed' if liger else 'not installed'} · {args.dtype} · "
+        f"liger-kernel {_version('liger-kernel') if liger else 'not installed'} · {args.dtype} · "
         f"peak HBM {peak or '?'} GB/s · medians of triton.testing.do_bench",
         "",
         "| op | shape | impl | fwd ms | bwd ms | fwd+bwd ms | GB/s | % peak | × eager | × Liger |",
@@ -234,6 +234,15 @@ def main(args) -> None:
     lines.append("")
     lines += [f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in verdicts]
     print("\n".join(lines))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _swiglu_hidden() -> int:
