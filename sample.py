@@ -147,6 +147,9 @@ def profile(model, tower, codec, prompt: str, preset, *, steps, cfg, device="cpu
         sync()
         t0 = time.perf_counter()
         prompts = [prompt] + ([""] if cfg != 1.0 else [])
+        tower.tower(prompts)  # time U itself, not a hit in the per-caption memo
+        sync()
+        t_u = time.perf_counter() - t0
         states, mask = tower(prompts)
         states, mask = states.to(device), mask.to(device)
         projected = model.project_states(states)
@@ -164,7 +167,7 @@ def profile(model, tower, codec, prompt: str, preset, *, steps, cfg, device="cpu
         for h in hooks:
             h.remove()
         r = router_time[0]
-        res = {"understanding_tower_s": t1 - t0, "router_per_step_s": r / steps,
+        res = {"understanding_tower_s": t_u, "router_per_step_s": r / steps,
                "generation_tower_per_step_s": (t2 - t1 - r) / steps, "decode_s": t3 - t2,
                "steps": steps, "cfg": cfg, "total_s": t3 - t0, "device": str(device)}
         if best is None or res["total_s"] < best["total_s"]:
@@ -199,7 +202,7 @@ def heat(values: np.ndarray, cell: int = 14) -> Image.Image:
 def labelled(img: Image.Image, title: str, left: list[str] | None = None, margin: int = 120) -> Image.Image:
     """Put a title above and optional row labels to the left of an image."""
     lm = margin if left else 4
-    canvas = Image.new("RGB", (img.width + lm + 4, img.height + 22), "white")
+    canvas = Image.new("RGB", (max(img.width + lm + 4, lm + 7 * len(title)), img.height + 22), "white")
     d = ImageDraw.Draw(canvas)
     d.text((lm, 4), title, fill="black")
     canvas.paste(img, (lm, 20))
