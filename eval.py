@@ -294,7 +294,8 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
              save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate `images_per_prompt` images for every benchmark prompt and score them.
 
-    Image j of prompt i uses noise seed `seed + 1000·j + i`, so the set is fixed by the seed.
+    Image j of prompt i uses noise seed `seed + j·P + i` (P prompts): distinct for every
+    (prompt, repeat), and the whole set is fixed by the seed.
     """
     from tqdm import tqdm
 
@@ -307,7 +308,7 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s:s + batch_size]
         texts = [prompts[i]["prompt"] for i, _ in chunk]
-        seeds = [seed + 1000 * j + i for i, j in chunk]
+        seeds = [seed + j * len(prompts) + i for i, j in chunk]
         imgs = generate(model, tower, codec, texts, preset, seeds=seeds, steps=steps, cfg=cfg, device=device)
         for (i, j), img in zip(chunk, imgs):
             graded = grade([prompts[i]], [img])[0]

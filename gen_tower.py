@@ -311,9 +311,10 @@ class MoS(nn.Module):
         x = torch.cat([self.gen.registers.expand(B, -1, -1), tokens], dim=1)  # (B, R+N, D_g)
         p = gcfg.patch_size
         rope = rope_2d(h // p, w // p, gcfg.dim // gcfg.heads, gcfg.rope_theta, device=x.device)
+        states = states.to(x.dtype)  # once, not per block (a no-op when the dtypes already match)
         for j, block in enumerate(self.gen.blocks):
             if projected is None:  # Eq. 4 then Proj: the paper's order
-                ctx = self.gen.ctx_proj(mix_states(states.to(x.dtype), idx[:, :, j], wts[:, :, j]))  # (B, L, D_g)
+                ctx = self.gen.ctx_proj(mix_states(states, idx[:, :, j], wts[:, :, j]))  # (B, L, D_g)
             else:  # Proj then Eq. 4, same result: Σ w (W S) + b
                 ctx = mix_states(projected, idx[:, :, j], wts[:, :, j]) + self.gen.ctx_proj.bias  # (B, L, D_g)
             x = block(x, ctx, mask, rope, gcfg.registers)  # (B, R+N, D_g)

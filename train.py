@@ -220,10 +220,15 @@ class TowerMemo:
     cache (App. B.4). `memo` can be pre-filled from an on-disk cache (data.load_feature_cache),
     and `tower` may be a zero-argument loader: U is then only loaded if a caption is missing.
     Returns padded (B, L, m, D) float32 states and a (B, L) bool mask.
+
+    NOTE: bounded in bytes, not items: a MiniLM caption is ~160 KB of states and ShapesWorld's
+    full-scene captions are nearly all unique, so an item cap let a 3000-step toy run reach
+    6.5 GB. Past `max_bytes`, new captions are encoded and used but not kept.
     """
 
-    def __init__(self, tower, memo: dict | None = None, max_items: int = 500_000):
-        self._tower, self.max_items, self.memo = tower, max_items, dict(memo or {})
+    def __init__(self, tower, memo: dict | None = None, max_bytes: int = 2 << 30):
+        self._tower, self.max_bytes, self.memo = tower, max_bytes, dict(memo or {})
+        self.nbytes = sum(x.numel() * x.element_size() for x in self.memo.values())
 
     @property
     def tower(self):
@@ -238,7 +243,11 @@ class TowerMemo:
             out = self.tower(todo)
             for i, c in enumerate(todo):
                 states = out.states[i, : int(out.mask[i].sum())].float()  # (L_i, m, D) real tokens only
-                (self.memo if len(self.memo) < self.max_items else extra)[c] = states
+                if self.nbytes + states.numel() * states.element_size() <= self.max_bytes:
+                    self.memo[c] = states
+                    self.nbytes += states.numel() * states.element_size()
+                else:
+                    extra[c] = states
         seqs = [self.memo[c] if c in self.memo else extra[c] for c in captions]
         L = max(x.shape[0] for x in seqs)
         states = torch.zeros(len(seqs), L, *seqs[0].shape[1:])  # (B, L, m, D)

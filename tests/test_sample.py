@@ -142,3 +142,12 @@ def test_tower_memo_matches_the_tower_and_pads(loaded):
     assert torch.allclose(states[1, :n], ref.states[0, :n].float(), atol=1e-5)
     assert torch.equal(states[0], states[2]) and mask[0].sum() < mask[1].sum()
     assert (states[0][~mask[0]] == 0).all()
+
+
+def test_tower_memo_stays_within_its_byte_budget(loaded):
+    _, memo, _, _ = loaded
+    small = TowerMemo(memo.tower, max_bytes=1)  # keeps nothing, still answers correctly
+    states, mask = small(["a green square", "two circles"])
+    ref, ref_mask = memo(["a green square", "two circles"])
+    assert small.memo == {} and small.nbytes == 0
+    assert torch.equal(mask, ref_mask) and torch.allclose(states, ref, atol=1e-5)
