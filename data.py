@@ -12,6 +12,7 @@ How it connects:
     data.py  --(image in [-1, 1], caption)-->  train.py  (caption --> und_tower.py, image --> flow.py)
     data.py  --(Obj lists, caption specs)--->  eval.py   (the detector and the benchmark)
     data.py  --(source, instruction, target)-> train.py for the `toy_edit` preset (MoS-Edit, Sec. 3.4)
+    data.py  --(feature / latent caches)----->  train.py --features / --latents (App. B.4 producer–consumer)
 
 Captions are generated *spec first*: we first pick what the caption will say (a small dict,
 the "spec"), then build a scene for which it is true, then write the words. The same specs
@@ -654,6 +655,74 @@ def edit_batch(seed: int, start: int, batch_size: int, size: int = 32):
     return to_tensor(src), instructions, to_tensor(tgt)  # (B, 3, S, S), B strings, (B, 3, S, S)
 
 
+# Real edit data: a JSONL manifest with one {"source": path, "instruction": text, "target": path}
+# per line (paths relative to the manifest), as MagicBrush / GEdit-style triplets are usually
+# shipped. Both images are resized and centre-cropped to the preset's square size (the edit
+# presets train at one resolution; the source and target must share a patch grid, because the
+# reference tokens take the target's 2D positions — gen_tower.MoS.forward).
+
+
+def read_edit_records(spec: str) -> list[tuple[str, str, str]]:
+    """A .jsonl edit manifest → [(source path, instruction, target path)]; one clear ValueError."""
+    import json
+    import os
+
+    if not (os.path.isfile(spec) and spec.endswith(".jsonl")):
+        raise ValueError(f"edit data {spec!r} is not a .jsonl manifest of {{'source', 'instruction', 'target'}} lines")
+    root, records = os.path.dirname(os.path.abspath(spec)), []
+    with open(spec, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                records.append((os.path.join(root, item["source"]), str(item["instruction"]),
+                                os.path.join(root, item["target"])))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{spec}:{n}: expected a JSON object with 'source', 'instruction' and 'target'") from None
+    if not records:
+        raise ValueError(f"edit data {spec!r} holds no (source, instruction, target) triplets")
+    return records
+
+
+class EditData:
+    """Batches of real edit triplets. `batch(step, B)` is a pure function of (seed, step), like
+    ImageCaptionData, so resume is exact; unreadable pairs are skipped with a warning."""
+
+    def __init__(self, spec: str, size: int, seed: int = 0):
+        self.records, self.size, self.seed = read_edit_records(spec), size, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def batch(self, step: int, batch_size: int):
+        """→ sources (B, 3, S, S), B instructions, targets (B, 3, S, S), float32 in [-1, 1]."""
+        import warnings
+
+        from PIL import Image
+
+        rng = np.random.default_rng([self.seed, 8, step])
+        src, tgt, instructions, bad = [], [], [], 0
+        for i in rng.choice(len(self.records), size=batch_size * 2, replace=len(self.records) < batch_size * 2):
+            s_path, instruction, t_path = self.records[int(i)]
+            try:
+                with Image.open(s_path) as a, Image.open(t_path) as b:
+                    pair = [np.asarray(resize_center_crop(im, (self.size, self.size))) for im in (a, b)]
+            except Exception:  # PIL raises many types for bad files
+                bad += 1
+                continue
+            src.append(pair[0])
+            tgt.append(pair[1])
+            instructions.append(instruction)
+            if len(src) == batch_size:
+                break
+        if bad:
+            warnings.warn(f"skipped {bad} unreadable edit pair(s) in batch {step}")
+        if not src:
+            raise ValueError(f"batch {step}: no edit pair could be read")
+        return to_tensor(np.stack(src)), instructions, to_tensor(np.stack(tgt))
+
+
 ########################################################################################
 #                  Real data: image–caption folders and JSONL manifests                 #
 ########################################################################################
@@ -761,8 +830,13 @@ class ImageCaptionData:
     def __len__(self):
         return sum(len(v) for v in self.members.values())
 
-    def batch(self, step: int, batch_size: int):
-        """→ images (B, 3, h, w) float32 in [-1, 1], B captions; one bucket per batch."""
+    def batch(self, step: int, batch_size: int, start: int = 0, count: int | None = None):
+        """→ images (B, 3, h, w) float32 in [-1, 1], B captions; one bucket per batch.
+
+        start/count: only rows start … start+count-1 of the batch (one process's shard under
+        torchrun, train.shard_batch): the bucket and the draws are the batch's, so the shards
+        of all processes together are exactly the whole batch, and each reads only its files.
+        Row p reads draw p, or its spare draw B + p if that file cannot be opened."""
         import warnings
 
         from PIL import Image
@@ -771,17 +845,18 @@ class ImageCaptionData:
         sizes = np.array([len(self.members[k]) for k in self.keys], dtype=np.float64)
         key = self.keys[int(rng.choice(len(self.keys), p=sizes / sizes.sum()))]
         pool, hw = self.members[key], self.buckets[key]
+        draws = rng.choice(len(pool), size=batch_size * 2, replace=len(pool) < batch_size * 2)
         imgs, caps, bad = [], [], 0
-        for i in rng.choice(len(pool), size=batch_size * 2, replace=len(pool) < batch_size * 2):
-            path, caption = pool[int(i)]
-            try:
-                with Image.open(path) as im:
-                    imgs.append(np.asarray(resize_center_crop(im, hw)))
-                caps.append(caption)
-            except Exception:
-                bad += 1
-            if len(imgs) == batch_size:
-                break
+        for row in range(start, batch_size if count is None else min(batch_size, start + count)):
+            for i in (draws[row], draws[batch_size + row]):
+                path, caption = pool[int(i)]
+                try:
+                    with Image.open(path) as im:
+                        imgs.append(np.asarray(resize_center_crop(im, hw)))
+                    caps.append(caption)
+                    break
+                except Exception:
+                    bad += 1
         if bad:
             warnings.warn(f"skipped {bad} unreadable image file(s) in batch {step}")
         if not imgs:
@@ -853,6 +928,163 @@ def load_feature_cache(cache_dir: str) -> dict[str, torch.Tensor]:
 
 
 ########################################################################################
+#          The latent cache (App. B.4, producer–consumer, on the image side)            #
+########################################################################################
+# The Wan 2.2 VAE is frozen and kept in fp32 (App. A), so an image's latent never changes
+# either. Like the feature cache above, a producer encodes every image once — resized and
+# centre-cropped to its aspect-ratio bucket at the stage's pixel area — and writes the
+# normalised fp32 latents z0 (what gen_tower.WanVAECodec.encode returns) to safetensors
+# shards, one bucket per shard, captions in the metadata. Training (`train.py --latents DIR`)
+# then reads z0 and never runs the VAE encoder. A cache belongs to one pixel area, i.e. one
+# stage resolution: stages 1 (512²) and 2–3 (1024²) need a cache each.
+#
+#   shard latents-<h>x<w>-<n>.safetensors: latents (N, C, h/f, w/f) fp32 · metadata captions,
+#   area, image_hw, channels. Glossary: N images in the shard, C latent channels, f = 16.
+
+
+def build_latent_cache(codec, spec: str, out_dir: str, area: int, multiple: int, batch_size: int = 16,
+                       shard_size: int = 1024, progress: bool = True) -> int:
+    """Encode every readable image of a folder / .jsonl (`read_records`) into bucketed latent
+    shards. `codec` is a gen_tower codec (WanVAECodec); `multiple` = codec factor × patch size.
+    Returns the number of images cached; unreadable files are skipped with one warning."""
+    import json
+    import os
+    import warnings
+
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    source = ImageCaptionData(spec, area=area, multiple=multiple)  # bucket assignment by aspect ratio
+    os.makedirs(out_dir, exist_ok=True)
+    bar = tqdm(total=len(source), desc="latent cache", disable=not progress)
+    done, bad = 0, 0
+    for key in source.keys:
+        h, w = source.buckets[key]
+        members = source.members[key]
+        for shard, start in enumerate(range(0, len(members), shard_size)):
+            latents, captions = [], []
+            chunk = members[start:start + shard_size]
+            for s in range(0, len(chunk), batch_size):
+                imgs, caps = [], []
+                for path, caption in chunk[s:s + batch_size]:
+                    try:
+                        with Image.open(path) as im:
+                            imgs.append(np.asarray(resize_center_crop(im, (h, w))))
+                        caps.append(caption)
+                    except Exception:  # PIL raises many types for bad files
+                        bad += 1
+                if imgs:
+                    z = codec.encode(to_tensor(np.stack(imgs)))  # (b, C, h/f, w/f) normalised, fp32
+                    latents.append(z.float().cpu())
+                    captions += caps
+                bar.update(len(chunk[s:s + batch_size]))
+            if not latents:
+                continue
+            z = torch.cat(latents)  # (N, C, h/f, w/f)
+            meta = {"captions": json.dumps(captions), "area": str(area), "image_hw": json.dumps([h, w]),
+                    "channels": str(z.shape[1])}
+            path = os.path.join(out_dir, f"latents-{h}x{w}-{shard:05d}.safetensors")
+            save_file({"latents": z.contiguous()}, path + ".tmp", metadata=meta)
+            os.replace(path + ".tmp", path)  # atomic: a shard is complete or absent
+            done += len(captions)
+    bar.close()
+    if bad:
+        warnings.warn(f"{spec}: skipped {bad} unreadable image file(s) while caching latents")
+    return done
+
+
+class LatentCache:
+    """The consumer: batches of (z0, captions) from a latent cache, one bucket per batch.
+
+    `batch(step, B)` is a pure function of (seed, step) — a bucket drawn in proportion to its
+    size, then B rows of it — so resume stays exact, as with ImageCaptionData. Only the
+    shards' headers are read up front; rows are read from disk per batch.
+    """
+
+    def __init__(self, cache_dir: str, seed: int = 0):
+        import glob
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        self.seed = seed
+        paths = sorted(glob.glob(os.path.join(cache_dir, "latents-*.safetensors")))
+        if not paths:
+            raise ValueError(f"latent cache {cache_dir!r} holds no latents-*.safetensors shard "
+                             "(build one with: python data.py --latents DIR --data SPEC --size S)")
+        self.rows: dict[tuple[int, int], list[tuple[str, int, str]]] = {}  # image (h, w) → [(shard, row, caption)]
+        areas, channels = set(), set()
+        for path in paths:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata()
+            hw = tuple(json.loads(meta["image_hw"]))
+            areas.add(int(meta["area"]))
+            channels.add(int(meta["channels"]))
+            self.rows.setdefault(hw, []).extend((path, i, c) for i, c in enumerate(json.loads(meta["captions"])))
+        if len(areas) > 1 or len(channels) > 1:
+            raise ValueError(f"latent cache {cache_dir!r} mixes pixel areas {sorted(areas)} or channels {sorted(channels)}")
+        self.area, self.channels = areas.pop(), channels.pop()
+        self.keys = sorted(self.rows)
+
+    def __len__(self):
+        return sum(len(v) for v in self.rows.values())
+
+    def check(self, image_size: int, channels: int):
+        """One clear error when the cache was built for another stage's resolution or codec."""
+        if self.area != image_size * image_size:
+            raise ValueError(f"the latent cache holds images of area {self.area} px (≈{round(math.sqrt(self.area))}²) "
+                             f"but this run trains at {image_size}²: build a cache per stage resolution")
+        if self.channels != channels:
+            raise ValueError(f"the latent cache has {self.channels} latent channels, the model expects {channels}")
+
+    def batch(self, step: int, batch_size: int, start: int = 0, count: int | None = None):
+        """→ z0 (B, C, h, w) float32 normalised latents, B captions; one bucket per batch.
+        start/count: only those rows (one process's shard, as ImageCaptionData.batch)."""
+        from safetensors import safe_open
+
+        rng = np.random.default_rng([self.seed, 7, step])
+        sizes = np.array([len(self.rows[k]) for k in self.keys], dtype=np.float64)
+        pool = self.rows[self.keys[int(rng.choice(len(self.keys), p=sizes / sizes.sum()))]]
+        picks = [pool[int(i)] for i in rng.choice(len(pool), size=batch_size, replace=len(pool) < batch_size)]
+        picks = picks[start:None if count is None else start + count]
+        by_shard: dict[str, list[int]] = {}
+        for path, row, _ in picks:
+            by_shard.setdefault(path, []).append(row)
+        loaded = {}
+        for path, rows in by_shard.items():
+            with safe_open(path, framework="pt") as f:
+                sl = f.get_slice("latents")
+                for r in rows:
+                    loaded[(path, r)] = sl[r:r + 1]  # (1, C, h, w) read from disk, not the whole shard
+        z0 = torch.cat([loaded[(path, row)] for path, row, _ in picks])  # (B, C, h, w)
+        return z0, [c for _, _, c in picks]
+
+
+class PrecomputedLatentCodec(torch.nn.Module):
+    """The codec for a run that reads a latent cache: `encode` is the identity (the batch
+    already holds normalised z0, so train.training_step runs unchanged), `decode` is the real
+    codec's — loaded on first use only, for the sample grids."""
+
+    def __init__(self, name: str, loader=None):
+        super().__init__()
+        from gen_tower import codec_shape, load_codec
+
+        self.name, self._codec = name, None
+        self._loader = loader or (lambda: load_codec(name))
+        self.channels, self.factor = codec_shape(name)
+
+    def encode(self, z0: torch.Tensor) -> torch.Tensor:
+        return z0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self._codec is None:
+            self._codec = self._loader().to(z.device)
+        return self._codec.decode(z)
+
+
+########################################################################################
 #                      Command line: build a feature cache (producer)                   #
 ########################################################################################
 #   python data.py --cache DIR --data photos/            # captions of a folder / .jsonl
@@ -862,14 +1094,32 @@ def load_feature_cache(cache_dir: str) -> dict[str, torch.Tensor]:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Precompute understanding-tower states for a set of captions.")
-    p.add_argument("--cache", required=True, help="output directory for the safetensors shards")
+    p = argparse.ArgumentParser(description="Precompute understanding-tower states (--cache) or Wan VAE latents "
+                                            "(--latents) for a data set.")
+    p.add_argument("--cache", help="output directory for the feature shards (understanding states)")
+    p.add_argument("--latents", metavar="DIR", help="output directory for latent shards (needs --data and --size)")
+    p.add_argument("--size", type=int, default=512, help="--latents: the stage resolution; buckets keep its pixel area")
+    p.add_argument("--vae", default=None, help="--latents: Wan 2.2 VAE hub id or local folder (default: the hub's)")
+    p.add_argument("--patch", type=int, default=2, help="--latents: the preset's patch size (buckets tile f × patch)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a folder of images + .txt captions, or a .jsonl manifest")
     src.add_argument("--shapesworld", type=int, metavar="N", help="captions of ShapesWorld examples 0..N-1")
     p.add_argument("--seed", type=int, default=0, help="ShapesWorld stream seed")
     p.add_argument("--tower", default="minilm", help="und_tower.load_tower name, hub id or path")
     args = p.parse_args(argv)
+    if bool(args.cache) == bool(args.latents):
+        raise ValueError("give exactly one of --cache DIR (understanding states) or --latents DIR (VAE latents)")
+    if args.latents:
+        from gen_tower import check_size, codec_shape, load_codec
+
+        if not args.data:
+            raise ValueError("--latents encodes images: give --data (a folder or .jsonl), not --shapesworld")
+        check_size(args.size, "wan2.2", args.patch)
+        codec = load_codec("wan2.2", args.vae)
+        n = build_latent_cache(codec, args.data, args.latents, area=args.size ** 2,
+                               multiple=codec_shape("wan2.2")[1] * args.patch)
+        print(f"cached the latents of {n} images at {args.size}² area in {args.latents}")
+        return 0
     from und_tower import load_tower
 
     if args.data:

@@ -282,6 +282,79 @@ def edit_correct(target_objs, detected, size: int) -> bool:
     return True
 
 
+def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int = 0, steps: int | None = None,
+                   cfg: float | None = None, cfg_interval=None, batch_size: int = 100, device="cpu",
+                   save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Edit accuracy (DESIGN §5): render each benchmark source scene, edit it with the model
+    (edit.py's machinery), detect the objects of the result, and count the edit only if the
+    detected scene equals the target scene (`edit_correct`). Edit i uses noise seed seed + i.
+
+    Returns ({kind: accuracy for each of data.EDIT_KINDS, 'overall': mean over the kinds,
+    'n': number of edits}, records with 'correct', 'detected' and the uint8 'image' added).
+    """
+    from tqdm import tqdm
+
+    from edit import edit_images
+    from sample import atomic_save
+
+    size = preset.model.image_size
+    records = edit_benchmark(seed=seed, per_kind=per_kind, size=size)
+    out_records = []
+    bar = tqdm(total=len(records), desc="edit eval", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        refs = data.to_tensor(np.stack([data.render(r["source"], size) for r in chunk]))  # (b, 3, S, S)
+        imgs = edit_images(model, tower, codec, preset, refs, [r["instruction"] for r in chunk],
+                           seeds=[seed + s + i for i in range(len(chunk))], steps=steps, cfg=cfg,
+                           cfg_interval=cfg_interval, device=device)
+        for i, (rec, img) in enumerate(zip(chunk, imgs)):
+            found = detect(np.asarray(img))
+            out_records.append(rec | {"correct": edit_correct(rec["target"], found, size), "detected": found,
+                                      "image": img})
+            if save_dir:
+                from PIL import Image
+
+                atomic_save(Image.fromarray(img), os.path.join(save_dir, f"{rec['kind']}-{s + i:03d}.png"))
+        bar.update(len(chunk))
+    bar.close()
+    scores: dict = {}
+    for kind in data.EDIT_KINDS:
+        hits = [r["correct"] for r in out_records if r["kind"] == kind]
+        if hits:
+            scores[kind] = sum(hits) / len(hits)
+    scores["overall"] = sum(scores.values()) / len(scores)
+    scores["n"] = len(out_records)
+    return scores, out_records
+
+
+def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2):
+    """Before/after figure: for `per_kind` edits of each kind, a column of (source, model's
+    edit, target), captioned with the instruction and ✓/✗."""
+    from PIL import Image, ImageDraw
+
+    from sample import atomic_save
+
+    chosen = [i for kind in data.EDIT_KINDS for i in [j for j, r in enumerate(records) if r["kind"] == kind][:per_kind]]
+    scale, pad, text_h, col_w = 3, 4, 34, max(3 * size, 120)
+    canvas = Image.new("RGB", (len(chosen) * (col_w + pad) + pad + 60, 3 * (size * scale + pad) + text_h + pad), "white")
+    d = ImageDraw.Draw(canvas)
+    for row, label in enumerate(("source", "edited", "target")):
+        d.text((4, text_h + row * (size * scale + pad) + size * scale // 2 - 5), label, fill="black")
+    for c, i in enumerate(chosen):
+        rec = records[i]
+        x = 60 + pad + c * (col_w + pad)
+        words = rec["instruction"].split()
+        half = (len(words) + 1) // 2
+        d.text((x, 2), " ".join(words[:half]), fill="black")
+        d.text((x, 13), " ".join(words[half:]) + ("  [ok]" if rec["correct"] else "  [x]"),
+               fill=(0, 130, 0) if rec["correct"] else (200, 0, 0))
+        tiles = [data.render(rec["source"], size), np.asarray(rec["image"]), data.render(rec["target"], size)]
+        for row, tile in enumerate(tiles):
+            img = Image.fromarray(tile).resize((size * scale, size * scale), Image.NEAREST)
+            canvas.paste(img, (x, text_h + row * (size * scale + pad)))
+    atomic_save(canvas, path)
+
+
 ########################################################################################
 #                            Command line: python eval.py                               #
 ########################################################################################
@@ -290,8 +363,9 @@ def edit_correct(target_objs, detected, size: int) -> bool:
 
 
 def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_prompt: int = 2, seed: int = 0,
-             steps: int | None = None, cfg: float | None = None, batch_size: int = 100, device="cpu",
-             save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+             steps: int | None = None, cfg: float | None = None, cfg_interval: tuple[float, float] | None = None,
+             batch_size: int = 100, device="cpu", save_dir: str | None = None,
+             progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate `images_per_prompt` images for every benchmark prompt and score them.
 
     Image j of prompt i uses noise seed `seed + j·P + i` (P prompts): distinct for every
@@ -309,7 +383,8 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
         chunk = jobs[s:s + batch_size]
         texts = [prompts[i]["prompt"] for i, _ in chunk]
         seeds = [seed + j * len(prompts) + i for i, j in chunk]
-        imgs = generate(model, tower, codec, texts, preset, seeds=seeds, steps=steps, cfg=cfg, device=device)
+        imgs = generate(model, tower, codec, texts, preset, seeds=seeds, steps=steps, cfg=cfg,
+                        cfg_interval=cfg_interval, device=device)
         for (i, j), img in zip(chunk, imgs):
             graded = grade([prompts[i]], [img])[0]
             records.append(graded | {"repeat": j})
@@ -332,10 +407,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the preset's)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for t in [LO, HI] (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--device", default=None)
+    # MoS-Edit: edit accuracy per kind instead of the text-to-image benchmark.
+    p.add_argument("--edit", action="store_true",
+                   help="score edit accuracy per kind (default checkpoint: the shipped toy_edit)")
+    p.add_argument("--per-kind", type=int, default=40, help="with --edit: edits per kind")
+    p.add_argument("--strip", metavar="FILE.png", help="with --edit: also write a before/after strip")
     return p.parse_args(argv)
 
 
@@ -348,13 +430,44 @@ def main(args) -> int:
     from sample import DEFAULT_CKPT, load_everything
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.edit:
+        return main_edit(args, device)
     model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
     scores, _ = evaluate(model, tower, codec, preset, per_category=args.per_category,
                          images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-                         cfg=args.cfg, batch_size=args.batch_size, device=device, save_dir=args.save_images)
+                         cfg=args.cfg, cfg_interval=args.cfg_interval, batch_size=args.batch_size, device=device,
+                         save_dir=args.save_images)
     scores |= {"steps": args.steps or preset.train.sample_steps,
                "cfg": preset.train.cfg if args.cfg is None else args.cfg,
+               "cfg_interval": list(preset.train.cfg_interval if args.cfg_interval is None else args.cfg_interval),
                "images_per_prompt": args.images_per_prompt, "per_category": args.per_category}
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+def main_edit(args, device) -> int:
+    """python eval.py --edit [--ckpt DIR]: edit accuracy per kind and overall, as JSON."""
+    import json
+
+    from edit import DEFAULT_EDIT_CKPT, load_edit_model
+
+    if args.per_kind < 1:
+        raise ValueError(f"--per-kind must be at least 1; got {args.per_kind}.")
+    model, tower, codec, preset = load_edit_model(args.ckpt or DEFAULT_EDIT_CKPT, device)
+    scores, records = evaluate_edits(model, tower, codec, preset, per_kind=args.per_kind, seed=args.seed,
+                                     steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,
+                                     batch_size=args.batch_size, device=device, save_dir=args.save_images)
+    scores |= {"steps": args.steps or preset.train.sample_steps,
+               "cfg": preset.train.cfg if args.cfg is None else args.cfg, "per_kind": args.per_kind,
+               "cfg_interval": list(preset.train.cfg_interval if args.cfg_interval is None else args.cfg_interval),
+               "seed": args.seed}
+    if args.strip:
+        save_edit_strip(records, args.strip, preset.model.image_size)
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:

@@ -23,6 +23,12 @@ Data flow of one MoS forward pass (`MoS.forward`, Alg. 1 lines 5–14):
                     x = block_j(x, ctx_j)
     x ─► drop registers ─► RMSNorm ─► Linear (zero-init) ─► unpatchify ─► v̂ (B, C, h, w)
 
+MoS-Edit (Sec. 3.4, Fig. 4; DESIGN §3.9), models built with `GenConfig.ref`: the clean
+reference image's tokens (same patch embedding + a learned type embedding, the target's own 2D
+RoPE positions, never noised) join the stream as [registers; target; reference] (B, R+2N, D_g).
+They are queries too, so they carry on block to block; only the N target tokens reach the head,
+so the loss never sees the reference. With `ref=None` the pass is exactly the text-to-image one.
+
 The codec ("the decoder of G", Alg. 2 l.18) maps images to the space the flow runs in:
 pixels for the toy presets, Wan 2.2 VAE latents for the full presets (DESIGN §3.8).
 
@@ -63,6 +69,13 @@ class GenConfig:
     # white) is far easier to predict than v, which carries the full noise; the toy uses "x".
     prediction: str = "v"
     t_min: float = 0.05  # floor on t in (z_t - ẑ0) / t, so v̂ stays bounded near the data end
+    # MoS-Edit (Sec. 3.4, Fig. 4; DESIGN §3.9): the tower also takes the clean reference image's
+    # tokens. A config flag rather than a parameter every model has, so a text-to-image model
+    # (and every checkpoint saved before MoS-Edit existed) has exactly the weights it had, and
+    # its config.json — which lacks this key — rebuilds it with the default False and loads
+    # strictly. The toy_edit preset sets it; train.py then starts from a toy checkpoint and only
+    # the reference type embedding starts fresh.
+    ref: bool = False
 
     def __post_init__(self):
         if self.prediction not in ("v", "x"):
@@ -224,6 +237,12 @@ class GenTower(nn.Module):
         D, p = cfg.dim, cfg.patch_size
         self.patch_embed = nn.Linear(p * p * in_channels, D)  # shared with the router (Sec. 3.2)
         self.registers = nn.Parameter(torch.randn(1, cfg.registers, D) * 0.02)
+        if cfg.ref:
+            # MoS-Edit: a learned type embedding added to every reference-image token, so G can
+            # tell the clean source (to copy from) from the noisy target (to denoise) even
+            # though both sit on the same 2D RoPE positions (see MoS.forward). Its name holds
+            # "type_embed", so train.make_optimizer exempts it from weight decay.
+            self.ref_type_embed = nn.Parameter(torch.randn(1, 1, D) * 0.02)
         # Proj (Sec. 3.3): one Linear(D_u → D_g) shared by all blocks. It is linear, so
         # Proj(Σ w_i S_i) = Σ w_i (W S_i) + b: the states can be projected once per prompt
         # and reused by every block and every sampling step (see MoS.project_states).
@@ -297,20 +316,43 @@ class MoS(nn.Module):
         return F.linear(states.to(self.gen.ctx_proj.weight.dtype), self.gen.ctx_proj.weight)
 
     def forward(self, x_t, t, states, mask, *, eps: float = 0.0, projected: torch.Tensor | None = None,
-                generator=None, return_routing: bool = False):
+                generator=None, return_routing: bool = False, ref: torch.Tensor | None = None):
         """v̂ = G(z_t, R(t, c, z_t, U(c))) — Eq. 1.
 
         x_t (B, C, h, w) noisy latent · t (B,) in [0, 1] · states (B, L, m, D_u) all U states
         mask (B, L) bool · eps ε-greedy probability (0.05 training, 0 inference)
         projected (B, L, m, D_g) optional output of `project_states` for the same states.
+        ref (B, C, h, w) optional CLEAN latent of the reference image (MoS-Edit, Sec. 3.4): its
+        tokens join the register/image stream, never noised, and get no output (so no loss).
         """
         B, C, h, w = x_t.shape
         gcfg = self.gen.cfg
         tokens = self.gen.embed(x_t)  # (B, N, D_g)
+        N = tokens.shape[1]
+        # The router reads the noisy target tokens only (as in text-to-image): what the edit
+        # needs from the reference reaches it through U's context (a VLM sees the image) and
+        # reaches G through the reference tokens below.
         idx, wts, logits = self.routing(t, tokens, states, mask, eps, generator)  # (B, L, n, k)
         x = torch.cat([self.gen.registers.expand(B, -1, -1), tokens], dim=1)  # (B, R+N, D_g)
         p = gcfg.patch_size
         rope = rope_2d(h // p, w // p, gcfg.dim // gcfg.heads, gcfg.rope_theta, device=x.device)
+        if ref is not None:
+            if not gcfg.ref:
+                raise ValueError("this model has no reference-image tokens (gen.ref is False): it is a "
+                                 "text-to-image model, not an edit model")
+            if ref.shape != x_t.shape:
+                raise ValueError(f"reference latent {tuple(ref.shape)} must have the target's shape {tuple(x_t.shape)}")
+            # Reference tokens: same patch embedding, plus their own type embedding. They are
+            # queries too (unlike the context), so they are refined block to block and each
+            # block's target tokens read a deeper view of the source. They take the SAME 2D
+            # positions as the target: an edit keeps almost every pixel where it was, so "copy
+            # the patch at my own position" is then the easiest attention pattern to learn
+            # (RoPE makes q·k depend on the position difference, which is 0 there), and the
+            # type embedding alone tells the two copies apart. (An offset axis, as FLUX
+            # Kontext uses for several references, buys nothing with one reference.)
+            ref_tokens = self.gen.embed(ref.to(tokens.dtype)) + self.gen.ref_type_embed  # (B, N, D_g)
+            x = torch.cat([x, ref_tokens], dim=1)  # (B, R+2N, D_g)
+            rope = tuple(torch.cat([r, r], dim=0) for r in rope)  # (2N, hd/2): target, then reference
         states = states.to(x.dtype)  # once, not per block (a no-op when the dtypes already match)
         for j, block in enumerate(self.gen.blocks):
             if projected is None:  # Eq. 4 then Proj: the paper's order
@@ -318,7 +360,7 @@ class MoS(nn.Module):
             else:  # Proj then Eq. 4, same result: Σ w (W S) + b
                 ctx = mix_states(projected, idx[:, :, j], wts[:, :, j]) + self.gen.ctx_proj.bias  # (B, L, D_g)
             x = block(x, ctx, mask, rope, gcfg.registers)  # (B, R+N, D_g)
-        v = self.gen.unembed(x[:, gcfg.registers:], h, w)  # (B, C, h, w)
+        v = self.gen.unembed(x[:, gcfg.registers:gcfg.registers + N], h, w)  # (B, C, h, w) target tokens only
         if gcfg.prediction == "x":  # the head predicted ẑ0; v̂ = (z_t - ẑ0) / t
             v = (x_t - v) / t.clamp(min=gcfg.t_min).view(B, 1, 1, 1).to(v.dtype)
         if return_routing:

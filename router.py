@@ -85,7 +85,8 @@ def route(logits: torch.Tensor, k: int, eps: float = 0.0, generator: torch.Gener
     probability ε the k indices are k *distinct* uniformly random states instead of the top-k.
     Either way the weights are the softmax values at the chosen indices, NOT renormalised
     (Eq. 4 uses w̄_ij as is), so gradient reaches the router through them — and only through
-    them: top-k and the random draw are not differentiable.
+    them: top-k and the random draw are not differentiable. `generator`: one torch.Generator,
+    or one per sample (train.py's per-sample randomness, see `uniforms`).
     """
     m = logits.shape[-1]
     if not 1 <= k <= m:
@@ -93,12 +94,31 @@ def route(logits: torch.Tensor, k: int, eps: float = 0.0, generator: torch.Gener
     probs = logits.float().softmax(dim=-1)  # (..., m)  Eq. 3, fp32 for a stable softmax
     idx = probs.topk(k, dim=-1).indices  # (..., k)
     if eps > 0:
-        u = torch.rand(probs.shape, device=probs.device, generator=generator)
-        random_idx = u.argsort(dim=-1)[..., :k]  # (..., k) k distinct uniform states
-        explore = torch.rand(probs.shape[:-1], device=probs.device, generator=generator) < eps
+        # ONE draw per (sample, token, block): m uniforms to pick the random states, 1 coin.
+        u = uniforms((*probs.shape[:-1], m + 1), probs.device, generator)  # (..., m+1)
+        random_idx = u[..., :m].argsort(dim=-1)[..., :k]  # (..., k) k distinct uniform states
+        explore = u[..., m] < eps  # (...,) explore with probability ε
         idx = torch.where(explore.unsqueeze(-1), random_idx, idx)  # (..., k)
     weights = probs.gather(-1, idx)  # (..., k) w̄_ij at the chosen i
     return idx, weights
+
+
+def uniforms(shape, device, generator=None) -> torch.Tensor:
+    """U(0, 1) draws of `shape` (B, ...) on `device`.
+
+    `generator` is one torch.Generator, or a list of B of them, one per sample: row b is
+    then drawn from generator b alone, so a sample's ε-greedy choices do not depend on which
+    other samples share its batch — what lets train.py shard a batch over processes (or split
+    it into micro-batches) and still train on exactly the same draws. Each row is drawn on
+    its generator's device; CPU draws are sequential, so a longer (more padded) context only
+    appends draws after the real tokens' (shape[1] is L) and never changes theirs.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {shape[0]}")
+        rows = [torch.rand(shape[1:], generator=g, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)  # (B, ...)
+    return torch.rand(shape, device=device, generator=generator)
 
 
 def mix_states(states: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

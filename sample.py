@@ -9,6 +9,7 @@ DESIGN §6 (CLI contract).
     python sample.py --prompts prompts.txt --outdir out/                  # out/0000.png, …
     python sample.py "a blue triangle" --profile                          # Fig. 7-style table
     python sample.py "a blue triangle" --router-viz viz/                  # Fig. 14-style PNGs
+    python sample.py "Einstein's favourite instrument" --ckpt runs/mos_s-stage2 --self-cot  # Sec. 4.4
 
 Inference (Alg. 2):
     U(c) once per prompt ─► states (B, L, m, D_u) ─► W·S_i once per prompt (Proj is linear)
@@ -53,19 +54,35 @@ def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
 def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 0, seeds: list[int] | None = None,
              steps: int | None = None,
              cfg: float | None = None, shift: float = 1.0, schedule: str = "linear", rescale: float = 0.0,
-             size: int | None = None, device="cpu", trace: dict | None = None) -> np.ndarray:
+             cfg_interval: tuple[float, float] | None = None,
+             size: int | None = None, device="cpu", trace: dict | None = None,
+             refs: torch.Tensor | None = None) -> np.ndarray:
     """Prompts → uint8 images (B, H, W, 3). Image i uses noise seed `seeds[i]` (default
     `seed + i`). `trace`, if given, collects the trajectory and the router's logits at every
     step (for --router-viz)."""
     mcfg, tcfg = preset.model, preset.train
     steps = steps or tcfg.sample_steps
     cfg = tcfg.cfg if cfg is None else cfg
+    cfg_interval = tuple(tcfg.cfg_interval if cfg_interval is None else cfg_interval)
     size = size or mcfg.image_size
     channels, factor = codec.channels, codec.factor
     B = len(prompts)
     guided = cfg != 1.0
     # U once per prompt (and once for the empty prompt of the unconditional branch).
-    states, mask = tower_fn(list(prompts) + ([""] * B if guided else []))  # (B or 2B, L, m, D_u)
+    texts = list(prompts) + ([""] * B if guided else [])
+    ref_z = None
+    if refs is None:
+        states, mask = tower_fn(texts)  # (B or 2B, L, m, D_u)
+    else:
+        # MoS-Edit (edit.py): `prompts` are instructions, `refs` (B, 3, H, W) in [-1, 1] the source
+        # images. CFG is on the instruction: the unconditional rows keep the reference (in G,
+        # and in U when U is a VLM) and drop only the text.
+        if refs.shape[0] != B:
+            raise ValueError(f"got {refs.shape[0]} reference images for {B} instructions")
+        size = refs.shape[-1]  # the target is drawn at the reference's (square) size
+        ref_px = torch.cat([refs, refs]) if guided else refs  # (B or 2B, 3, H, W)
+        states, mask = tower_fn(texts, images=ref_px)  # (B or 2B, L, m, D_u)
+        ref_z = codec.encode(ref_px.to(device))  # (B or 2B, C, h, w), clean
     states, mask = states.to(device), mask.to(device)
     projected = model.project_states(states)  # (B or 2B, L, m, D_g): once for all steps and blocks
     seeds = [seed + i for i in range(B)] if seeds is None else list(seeds)
@@ -73,14 +90,19 @@ def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 
     ts = sampling_schedule(steps, shift=shift, kind=schedule)
 
     def model_fn(z, t):
-        out = model(z, t, states, mask, eps=0.0, projected=projected, return_routing=trace is not None)
+        # 2B rows [cond; uncond] on guided steps, B conditional rows outside the CFG interval.
+        n = z.shape[0]
+        extra = {} if ref_z is None else {"ref": ref_z[:n]}
+        out = model(z, t, states[:n], mask[:n], eps=0.0, projected=projected[:n], return_routing=trace is not None,
+                    **extra)
         if trace is None:
             return out
         v, routing = out
         trace.setdefault("logits", []).append(routing["logits"][:B].float().cpu())  # conditional half
         return v
 
-    out = euler_sample(model_fn, z1, ts, cfg=cfg, rescale=rescale, return_trajectory=trace is not None)
+    out = euler_sample(model_fn, z1, ts, cfg=cfg, rescale=rescale, cfg_interval=cfg_interval,
+                       return_trajectory=trace is not None)
     if trace is not None:
         z0, traj = out
         trace["trajectory"] = [codec.decode(z.to(device)).cpu() for z in traj]
@@ -263,9 +285,27 @@ def load_everything(ckpt: str, device="cpu"):
     from und_tower import load_tower
 
     model, preset, _ = load_checkpoint(ckpt, which="ema", device=device)
-    tower = TowerMemo(load_tower(preset.model.tower, device=device))
+    dtype = getattr(torch, preset.train.tower_dtype) if getattr(preset.train, "tower_dtype", "") else None
+    tower = TowerMemo(load_tower(preset.model.tower, device=device, dtype=dtype))  # bf16 for full presets
     codec = load_codec(preset.model.codec).to(device)
     return model, tower, codec, preset
+
+
+def apply_self_cot(tower, prompts: list[str], max_new_tokens: int = 128) -> list[str]:
+    """Self-CoT (Sec. 4.4): U's own LM rewrites every prompt (und_tower.self_cot); the rewrites
+    are then what U encodes and R routes. `tower` is the TowerMemo of load_everything."""
+    from und_tower import self_cot
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--cot-tokens must be >= 1, got {max_new_tokens}")
+    und = tower.tower
+    rewritten = self_cot(und, prompts, max_new_tokens=max_new_tokens)
+    # NOTE: U truncates text contexts at max_length (77 by default); a reasoning caption runs
+    # longer, so make room for all of it (plus bos/eos) rather than cut the reasoning off.
+    und.max_length = max(und.max_length, max_new_tokens + 8)
+    for before, after in zip(prompts, rewritten):
+        print(f"self-CoT: {before!r} → {after!r}", file=sys.stderr)
+    return rewritten
 
 
 def read_prompts(path: str) -> list[str]:
@@ -294,11 +334,16 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
     p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
     p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for t in [LO, HI] (t = 1 is noise; default: the preset's)")
     p.add_argument("--size", type=int, help="image size in pixels (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward batch")
     p.add_argument("--profile", action="store_true", help="print the latency breakdown (Fig. 7)")
     p.add_argument("--router-viz", metavar="DIR", help="write router visualisations (Fig. 14) to DIR")
     p.add_argument("--viz-step", type=int, default=0, help="sampling step of the per-token map")
+    p.add_argument("--self-cot", action="store_true",
+                   help="Sec. 4.4: the tower's LM first rewrites each prompt as a reasoning caption (LLM/VLM towers)")
+    p.add_argument("--cot-tokens", type=int, default=128, help="most tokens a self-CoT caption may have")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -312,6 +357,8 @@ def main(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     model, tower, codec, preset = load_everything(args.ckpt, args.device)
+    if getattr(args, "self_cot", False):
+        prompts = apply_self_cot(tower, prompts, args.cot_tokens)
     size = args.size or preset.model.image_size
     check_size(size, preset.model.codec, preset.model.gen.patch_size)
     opts = dict(steps=args.steps or preset.train.sample_steps, cfg=preset.train.cfg if args.cfg is None else args.cfg)
@@ -321,7 +368,8 @@ def main(args) -> int:
         router_viz(model, tower, codec, prompts[0], preset, args.router_viz, seed=args.seed,
                    at_step=args.viz_step, device=args.device, **opts)
         print(f"router visualisation written to {args.router_viz}/", file=sys.stderr)
-    kw = dict(shift=args.shift, schedule=args.schedule, rescale=args.rescale, size=size, device=args.device, **opts)
+    kw = dict(shift=args.shift, schedule=args.schedule, rescale=args.rescale, size=size, device=args.device,
+              cfg_interval=args.cfg_interval, **opts)
     if args.prompts:
         os.makedirs(args.outdir, exist_ok=True)
         everything = []

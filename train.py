@@ -7,6 +7,10 @@ DESIGN §3.10 (training), §4 (presets), §6 (CLI).
     python train.py --preset toy --steps 200 --out runs/try
     python train.py --resume runs/try                  # continue from the latest checkpoint
     python train.py --preset mos_s --dry-run           # sizes on the meta device, no weights
+    python train.py --preset mos_s --dry-run --world-size 8   # + per-GPU memory on 8 GPUs
+    torchrun --nproc_per_node 8 train.py --preset mos_s     # FSDP2 over 8 GPUs ("Scale-out")
+    torchrun --nproc_per_node 8 train.py --preset mos_s --stage 1 --data pairs.jsonl       # Sec. 3.5
+    torchrun --nproc_per_node 8 train.py --preset mos_s --stage 2 --data pairs.jsonl --init-from runs/mos_s-stage1
 
 One training step (Alg. 1):
     captions ─► U (frozen; memoised per caption) ─► states S (B, L, m, D_u), mask (B, L)
@@ -14,7 +18,7 @@ One training step (Alg. 1):
     v̂ = MoS(z_t, t, S, mask, ε)        loss = ||v̂ - (z1 - z0)||²
 
 Exact resume: every random draw of step s (timesteps, noise, caption dropout, ε-greedy)
-comes from a generator seeded with (seed, s), and ShapesWorld example i is a pure function
+comes from generators seeded with (seed, s, row), and ShapesWorld example i is a pure function
 of (seed, i). So a run resumed at step s draws exactly what the uninterrupted run drew —
 no RNG state has to be captured mid-stream for the data path; the optimiser, schedule, EMA
 and step counter are saved. The global torch RNG is saved too, for anything else.
@@ -22,7 +26,9 @@ and step counter are saved. The global torch RNG is saved too, for anything else
 Checkpoints are directories `run/step-000500/` with model.safetensors, ema.safetensors,
 config.json (the preset, enough to rebuild the model) and state.pt (optimiser, schedule,
 step, RNG). They are written to a temporary directory and renamed into place, so a crash
-mid-write never leaves a half checkpoint behind.
+mid-write never leaves a half checkpoint behind. Under torchrun a checkpoint is instead a
+torch.distributed.checkpoint folder of every rank's shards (plus a consolidated
+ema.safetensors and config.json for sampling), which resumes on any number of processes.
 
 Glossary: B batch · L context tokens · m und. states · D_u und. width · C, h, w latent shape.
 """
@@ -73,6 +79,25 @@ class TrainConfig:
     # default sampling settings for checkpoints of this preset (sample.py / eval.py)
     sample_steps: int = 30
     cfg: float = 4.0
+    # MoS-Edit (toy_edit): start from these weights (a checkpoint dir or a .safetensors file;
+    # relative paths are tried from the repository too) — the paper extends a trained
+    # MoS-Image to MoS-Edit (Sec. 3.5). Only the reference type embedding starts fresh.
+    init_from: str = ""
+    # Edit presets: this fraction of steps trains plain text-to-image (no reference) instead,
+    # so the model keeps its text-to-image skill. 0 = edits only.
+    t2i_fraction: float = 0.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only for t in [lo, hi] (flow.euler_sample)
+    # Staged training (Sec. 3.5): 0 = not staged (the toy), 1..4 = the stage `stage_preset` set.
+    stage: int = 0
+    # dtype the frozen understanding tower is loaded in: "" = as stored (fp32 for the embedded
+    # MiniLM), "bfloat16" for the full presets (App. A: "the understanding tower is set
+    # entirely in bfloat16"). Its states are cast to fp32 before the router sees them.
+    tower_dtype: str = ""
+    # Scale-out (torchrun + FSDP2, see "Scale-out" below). micro_batch: rows per forward on
+    # each process, 0 = all of its batch_size / world_size rows at once; smaller values
+    # accumulate gradients, so the global batch stays batch_size on any number of GPUs.
+    micro_batch: int = 0
+    act_ckpt: str = "auto"  # activation checkpointing per generation block: auto (on from 1024²), on, off
 
 
 @dataclass
@@ -88,6 +113,8 @@ class Preset:
     def from_dict(d: dict) -> "Preset":
         t = dict(d["train"])
         t["betas"] = tuple(t["betas"])
+        if "cfg_interval" in t:
+            t["cfg_interval"] = tuple(t["cfg_interval"])
         return Preset(ModelConfig.from_dict(d["model"]), TrainConfig(**t), d.get("about", ""))
 
 
@@ -99,8 +126,10 @@ def _toy() -> Preset:
             gen=GenConfig(dim=192, depth=6, heads=4, patch_size=4, prediction="x"),
             router=RouterConfig(dim=96, heads=4, k=2, eps=0.05),
         ),
+        # Sampling defaults: CFG 3 only for t <= 0.8 (guidance at high noise erases objects
+        # whose colour the prompt leaves open; README "What mattered for the toy").
         train=TrainConfig(steps=4000, batch_size=64, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.998,
-                          log_every=25, sample_every=500, ckpt_every=250),
+                          log_every=25, sample_every=500, ckpt_every=250, cfg=3.0, cfg_interval=(0.0, 0.8)),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
     )
 
@@ -120,13 +149,30 @@ def _full(tower, m, du, dim, depth, heads, rdim, rheads, about) -> Preset:
             router=RouterConfig(dim=rdim, heads=rheads, k=2, eps=0.05),
         ),
         train=TrainConfig(steps=400_000, batch_size=1024, lr=1e-4, lr_min=1.5e-5, warmup=4000,
-                          ema_decay=0.9999, sample_every=5000, ckpt_every=5000, cfg=5.0, sample_steps=50),
+                          ema_decay=0.9999, sample_every=5000, ckpt_every=5000, cfg=5.0, sample_steps=50,
+                          stage=1, tower_dtype="bfloat16"),
         about=about,
     )
 
 
+def _toy_edit() -> Preset:
+    # MoS-Edit on ShapesWorld (Sec. 3.4): the toy model + reference-image tokens, initialised
+    # from the toy text-to-image checkpoint and trained on edit triplets (data.edit_batch).
+    # A fine-tune: lower peak lr, short warm-up, a faster EMA for a short run. No sample grid
+    # (it is a text-to-image grid); edit.py / eval.py --edit show and score the edits.
+    p = _toy()
+    p.model.gen.ref = True
+    # 1100 steps of 32: ~2.3-3 s/step on one busy CPU core, about an hour (the shipped run).
+    p.train = TrainConfig(steps=1100, batch_size=32, lr=5e-4, lr_min=5e-5, warmup=50, ema_decay=0.995,
+                          log_every=25, sample_every=0, ckpt_every=200,
+                          init_from=os.path.join("checkpoints", "toy", "ema.safetensors"))
+    p.about = "MoS-Edit on ShapesWorld 32px edit triplets, from the toy checkpoint; text-only tower sees the instruction"
+    return p
+
+
 PRESETS = {
     "toy": _toy,
+    "toy_edit": _toy_edit,
     "ablation": lambda: _full("llama-3.2-3b", 29, 3072, 2048, 20, 16, 1024, 8,
                               "Sec. 4.1 ablation setting: LLaMA-3.2-3B tower, ~1B generation tower"),
     "mos_s": lambda: _full("plm-8b", 33, 4096, 3072, 26, 24, 1792, 14,
@@ -140,6 +186,48 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+# The four-stage progressive schedule of Sec. 3.5, with App. A's timestep samplers:
+#   stage 1  512²   pre-training on O(100M) filtered pairs      logit-normal t
+#   stage 2  1024²  same data, "a similar computational budget"  mode sampling 0.8 + shift 3.0
+#   stage 3  1024²  aesthetic tuning on an O(10M) HQ subset      mode 0.8 + shift 3.0
+#   stage 4  2048²  super-resolution tuning on O(1M) 2K images   mode 0.8 + shift 3.0
+# Steps: App. A runs "400k–1200k steps" per pre-training stage and 50k for HQ fine-tuning;
+# we take the low end. Where the paper is open we decided: every stage restarts App. A's
+# schedule (4k warm-up to 1e-4, cosine to 1.5e-5) from the previous stage's weights
+# (`--init-from`, weights only: a fresh optimiser, as the new resolution changes the loss
+# landscape); the global batch stays 1024. The data of each stage is the user's (--data).
+STAGES = {
+    1: dict(image_size=512, t_sampler="logit_normal", t_shift=1.0, steps=400_000,
+            about="stage 1: 512² pre-training, logit-normal t"),
+    2: dict(image_size=1024, t_sampler="mode", t_shift=3.0, steps=400_000,
+            about="stage 2: 1024² pre-training on the same data, mode sampling (0.8) + shift 3.0"),
+    3: dict(image_size=1024, t_sampler="mode", t_shift=3.0, steps=50_000,
+            about="stage 3: 1024² aesthetic tuning on an HQ subset"),
+    4: dict(image_size=2048, t_sampler="mode", t_shift=3.0, steps=50_000,
+            about="stage 4: 2048² super-resolution tuning on 2K images"),
+}
+
+
+def stage_preset(preset: Preset, stage: int) -> Preset:
+    """The full preset `preset` set up for training stage 1..4 (Sec. 3.5): resolution (the
+    bucket area of dynamic-resolution training), timestep sampler and step budget. Returns a
+    copy; the model architecture is the same in every stage, so stage s+1 loads stage s's
+    weights strictly."""
+    if stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(map(str, STAGES))} (Sec. 3.5), got {stage}")
+    if preset.model.codec != "wan2.2":
+        raise ValueError("stages are for the full presets (ablation, mos_s, mos_l) in Wan 2.2 latent space; "
+                         "the toy trains at one resolution")
+    p = copy.deepcopy(preset)
+    s = STAGES[stage]
+    p.model.image_size = s["image_size"]
+    p.train.t_sampler, p.train.t_shift, p.train.mode_scale = s["t_sampler"], s["t_shift"], 0.8
+    p.train.steps, p.train.stage = s["steps"], stage
+    p.train.lr, p.train.lr_min, p.train.warmup = 1e-4, 1.5e-5, 4000  # App. A, restarted per stage
+    p.about = f"{preset.about.split(' | ')[0]} | {s['about']}"
+    return p
 
 
 def apply_overrides(preset: Preset, assignments: list[str]) -> Preset:
@@ -192,6 +280,87 @@ def dry_run(preset: Preset) -> dict:
     return sizes
 
 
+def image_tokens(mcfg: ModelConfig, size) -> int:
+    """N, the image tokens of one (h, w) (or square `size`) image: codec ×f, then patch p."""
+    h, w = (size, size) if isinstance(size, int) else size
+    f = codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size
+    return (h // f) * (w // f)
+
+
+def flops_estimate(preset: Preset, size, context_len: int = 77) -> dict:
+    """Matmul FLOPs of ONE denoising step (one MoS forward, batch 1) and the router's share.
+
+    Counted with PyTorch's FlopCounterMode (torch.utils.flop_counter) on the meta device: the
+    modules and inputs are shapes only, so mos_l at 2048² costs no memory and no time. The
+    counter attributes each op to the modules it runs in, so "MoS.router" is R alone (its
+    blocks, input tokenizers and logit head) and the rest is G (patch embed, Proj, blocks,
+    head). Elementwise ops (norms, softmax, top-k) are not counted — they are a small part of
+    both. context_len: L, the context tokens; 77 is UnderstandingTower's default max_length
+    for a text prompt. With CFG a step runs the model on 2 rows, which leaves the share alike.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mcfg = preset.model
+    h, w = (size, size) if isinstance(size, int) else size
+    check_size(h, mcfg.codec, mcfg.gen.patch_size)
+    check_size(w, mcfg.codec, mcfg.gen.patch_size)
+    model = build_model(mcfg, device="meta").eval()
+    C, f = codec_shape(mcfg.codec)
+    with torch.device("meta"):
+        x_t = torch.empty(1, C, h // f, w // f)  # (1, C, h, w) latent
+        t = torch.empty(1)
+        states = torch.empty(1, context_len, mcfg.und_states, mcfg.und_dim)  # (1, L, m, D_u)
+        mask = torch.ones(1, context_len, dtype=torch.bool)  # (1, L)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x_t, t, states, mask, eps=0.0)
+    total = counter.get_total_flops()
+    router = sum(counter.get_flop_counts().get("MoS.router", {}).values())
+    return {"size": [h, w], "image_tokens": image_tokens(mcfg, (h, w)), "context_tokens": context_len,
+            "step_flops": total, "router_flops": router, "router_share": router / total}
+
+
+def stage_table(preset: Preset, context_len: int = 77) -> list[dict]:
+    """Per training stage (Sec. 3.5): resolution, image tokens (square, and the range over the
+    aspect-ratio buckets at that area) and the router's FLOPs share at the square size."""
+    import data
+
+    rows, by_size = [], {}
+    for stage in STAGES:
+        s = stage_preset(preset, stage)
+        size = s.model.image_size
+        buckets = data.make_buckets(size * size, codec_shape(s.model.codec)[1] * s.model.gen.patch_size)
+        n = [image_tokens(s.model, hw) for hw in buckets]
+        if size not in by_size:  # stages 2 and 3 share 1024²
+            by_size[size] = flops_estimate(s, size, context_len)
+        est = by_size[size]
+        rows.append({"stage": stage, "size": size, "image_tokens": est["image_tokens"], "bucket_tokens": [min(n), max(n)],
+                     "t_sampler": f"{s.train.t_sampler} (shift {s.train.t_shift:g})", "steps": s.train.steps,
+                     "step_tflops": est["step_flops"] / 1e12, "router_share": est["router_share"]})
+    return rows
+
+
+def print_scale_report(preset: Preset, context_len: int = 77):
+    """--dry-run lines for the paper's scale: U's size (its LM on meta), image tokens and the
+    router's FLOPs share per stage. Nothing is loaded; a custom tower path has no known size."""
+    from und_tower import LM_CONFIGS, tower_param_count
+
+    name = preset.model.tower
+    if name == "minilm" or name in LM_CONFIGS:
+        print(f"  und. tower LM        {tower_param_count(name) / 1e6:10.2f} M parameters (meta, frozen, "
+              f"{preset.train.tower_dtype or 'float32'}; a VLM's vision encoder not counted)")
+    if preset.model.codec != "wan2.2":
+        est = flops_estimate(preset, preset.model.image_size, context_len)
+        print(f"  router FLOPs share at {preset.model.image_size}² ({est['image_tokens']} image tokens, "
+              f"L = {context_len}): {100 * est['router_share']:.2f}% of one denoising step")
+        return
+    print(f"  stages (Sec. 3.5); router share = router / whole MoS matmul FLOPs of one step, batch 1, L = {context_len}:")
+    print(f"  {'stage':>5} {'size':>6} {'image tokens':>13} {'buckets':>11} {'t sampler':>22} {'steps':>8}"
+          f" {'TFLOP/step':>11} {'router':>7}")
+    for r in stage_table(preset, context_len):
+        print(f"  {r['stage']:>5} {r['size']:>5}² {r['image_tokens']:>13} {'%d–%d' % tuple(r['bucket_tokens']):>11}"
+              f" {r['t_sampler']:>22} {r['steps']:>8} {r['step_tflops']:>11.2f} {100 * r['router_share']:>6.2f}%")
+
+
 #################################################################################
 #                          Schedule, EMA, understanding states                  #
 #################################################################################
@@ -236,7 +405,16 @@ class TowerMemo:
             self._tower = self._tower()  # lazy load on first miss
         return self._tower
 
-    def __call__(self, captions: list[str]):
+    def __call__(self, captions: list[str], images=None):
+        # MoS-Edit: `images` are the reference images (B, 3, H, W) in [-1, 1]. A VLM tower reads
+        # image + instruction (und_tower.edit_context); those states depend on the image, so
+        # they bypass the per-caption memo. A text-only tower reads the instruction only, so
+        # the images are ignored and the memo serves as for text-to-image.
+        if images is not None and getattr(self.tower, "is_vlm", False):
+            from und_tower import edit_context
+
+            out = edit_context(self.tower, list(captions), images)
+            return out.states.float(), out.mask
         todo = sorted({c for c in captions if c not in self.memo})
         extra = {}
         if todo:
@@ -316,27 +494,339 @@ def load_checkpoint(path: str, which: str = "ema", device="cpu"):
 
 
 #################################################################################
+#           Scale-out: torchrun, FSDP2, DCP checkpoints (App. A)                #
+#################################################################################
+# The same `train()` runs as one plain process (`python train.py`) or under torchrun on
+# 1…N processes and nodes (`torchrun --nproc_per_node 8 train.py --preset mos_s`). Under
+# torchrun (WORLD_SIZE is set) it follows torchtitan's order, all PyTorch's own pieces:
+#   process group (nccl on GPU, gloo on CPU) → build R + G on the meta device →
+#   activation checkpointing per generation block (optional) → fully_shard each generation
+#   block and each router block, then the root, with bf16 parameters / fp32 gradient
+#   reduction on GPU (App. A: "bf16 all-gather, fp32 reduce-scatter") → to_empty →
+#   rank 0's seeded initialisation broadcast to every shard → optimiser on the shards.
+# The frozen understanding tower (bf16) and the VAE (fp32) stay OUTSIDE the sharded module:
+# every rank holds its own copy and nothing of them is trained, or the feature cache
+# replaces the tower. Parameters, gradients, Adam moments and the EMA are all sharded.
+#
+# The global batch is the preset's batch_size whatever the world size: rank r trains rows
+# r·B/W … (r+1)·B/W - 1 of each global batch, in micro-batches of train.micro_batch
+# (gradient accumulation) if set. With per-sample randomness (`sample_generators`) each row
+# sees the same caption dropout, t, noise and ε-greedy draws in any layout, so 1 and N
+# processes train the same model up to floating-point reduction order.
+
+
+@dataclass
+class Dist:
+    """Where this process sits. `enabled`: under torchrun, with a process group and FSDP2."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join torchrun's process group (nccl on GPU, gloo on CPU); a plain process gets Dist()."""
+    import torch.distributed as tdist
+
+    if "WORLD_SIZE" not in os.environ:
+        return Dist(device=device)
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not tdist.is_initialized():
+        # NOTE: torchrun's key-value store outlives a worker restart (--max-restarts), and the
+        # new workers would read the dead ones' addresses from it (gloo then fails with
+        # "connection refused"). A key prefix per restart gives each generation its own keys.
+        store, rank, world = next(tdist.rendezvous("env://"))
+        store = tdist.PrefixStore(f"mos/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store, rank=rank, world_size=world)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), device, True)
+
+
+def use_activation_checkpointing(preset: Preset) -> bool:
+    """train.act_ckpt: "on", "off", or "auto" = on from 1024² (App. A), where the image tokens'
+    activations, not the sharded weights, are what fills a GPU (see `memory_estimate`)."""
+    flag = preset.train.act_ckpt
+    if flag not in ("auto", "on", "off"):
+        raise ValueError(f"train.act_ckpt must be auto, on or off, got {flag!r}")
+    return flag == "on" or (flag == "auto" and preset.model.image_size >= 1024)
+
+
+def shard_model(model: MoS, act_ckpt: bool, bf16: bool) -> MoS:
+    """FSDP2 in torchtitan's order: checkpoint + fully_shard each block, then the root.
+
+    Each generation block and each router block is one FSDP unit (its parameters are
+    all-gathered just before it runs and freed after); the root unit holds the rest (patch
+    embedding, registers, Proj, head, the router's tokenizers). The composable `checkpoint`
+    keeps parameter names unchanged, so state dicts match an unsharded model's.
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    blocks = list(model.gen.blocks)
+    for i, block in enumerate(blocks):
+        if act_ckpt:
+            checkpoint(block)  # keep only the block's input; recompute its inside in backward
+        # The last block runs first in backward: keeping it gathered saves one all-gather.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    for block in getattr(model.router, "blocks", []):  # static baselines have no router blocks
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def build_sharded(preset: Preset, dist: Dist, act_ckpt: bool, init_from: str = "") -> tuple[MoS, MoS]:
+    """→ (model, ema), both FSDP2-sharded over the world, starting from the weights a plain
+    process would build with the same seed (rank 0 builds them on CPU and broadcasts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    mcfg = preset.model
+    full = {}
+    if dist.main:  # the reference initialisation, bit-identical to the single-process run
+        torch.manual_seed(preset.train.seed)
+        ref = build_model(mcfg, "cpu")
+        if init_from:
+            log(f"initialised from {init_weights(ref, init_from)}")
+        full = ref.state_dict()
+    bf16 = dist.device.startswith("cuda")
+    model = shard_model(build_model(mcfg, "meta"), act_ckpt, bf16)
+    ema = shard_model(build_model(mcfg, "meta").requires_grad_(False), False, bf16)
+    for m in (model, ema):
+        m.to_empty(device=dist.device)
+        # NOTE: a fresh dict each time: the broadcast replaces the dict's values with shards.
+        set_model_state_dict(m, dict(full), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model.train(), ema.eval()
+
+
+def shard_batch(batch_fn, step: int, B: int, start: int, count: int):
+    """Rows start … start+count-1 of global batch `step`.
+
+    Sources that can build just those rows take start/count (ShapesWorld, real folders: each
+    rank reads only its own images); others build the global batch and keep the slice. Either
+    way all ranks cut one global batch, so they share its aspect bucket (bucket-aware)."""
+    import inspect
+
+    if "count" in inspect.signature(batch_fn).parameters:
+        return batch_fn(step, B, start=start, count=count)
+    return tuple(x[start:start + count] for x in batch_fn(step, B))
+
+
+def save_distributed_checkpoint(run_dir: str, step: int, model, ema, opt, preset: Preset, dist: Dist,
+                                data_position: int) -> str:
+    """torch.distributed.checkpoint: run_dir/step-XXXXXX/ with every rank's shards of the
+    model, EMA and optimiser (.distcp files + .metadata), the train state (step, data position,
+    world size, every rank's RNG), and — for sample.py / edit.py — a consolidated
+    ema.safetensors + config.json written by rank 0. Atomic like `save_checkpoint`: written
+    to step-XXXXXX.tmp/ and renamed once every rank has finished. (Multi-node: run_dir must be
+    a shared filesystem.) The LR schedule is a pure function of the step (`lr_at`)."""
+    import pickle
+
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    final = os.path.join(run_dir, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    tdist.barrier()
+    rngs = [None] * dist.world
+    tdist.all_gather_object(rngs, torch.get_rng_state())
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optimizer": get_optimizer_state_dict(model, opt),
+             "train": {"step": step, "data_position": data_position, "world_size": dist.world,
+                       "rng": pickle.dumps(rngs)}}  # bytes: one object, whatever the world size
+    dcp.save(state, checkpoint_id=tmp)
+    # Consolidated EMA: each tensor is all-gathered and copied to rank 0's CPU one by one.
+    weights = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.main:
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "ema.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(preset.to_dict(), f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    tdist.barrier()
+    return final
+
+
+def is_distributed_checkpoint(ckpt: str) -> bool:
+    return os.path.exists(os.path.join(ckpt, ".metadata"))
+
+
+def load_distributed_checkpoint(ckpt: str, model, ema, opt, dist: Dist) -> dict:
+    """Load a DCP step folder into model, EMA and optimiser in place → its train state.
+
+    Works for any world size, whatever wrote it: DCP reads each saved shard into the ranges
+    this process holds (N → M), and a plain process (dist.enabled False) reads full tensors.
+    Every rank gets back its own RNG state when the old run had that rank."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optimizer": get_optimizer_state_dict(model, opt),
+             "train": {"step": 0, "data_position": 0, "world_size": 0, "rng": b""}}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=not dist.enabled)
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, opt, state["optimizer"])
+    rngs = pickle.loads(state["train"]["rng"])
+    if dist.rank < len(rngs):
+        torch.set_rng_state(rngs[dist.rank])
+    return state["train"]
+
+
+def memory_estimate(preset: Preset, world_size: int, act_ckpt: bool, micro_batch: int | None = None,
+                    context_len: int = 77) -> dict:
+    """Per-GPU memory (GiB) of FSDP2 training at `world_size`, by part. An estimate:
+
+    sharded (÷ W)  fp32 parameters 4P, gradients 4P, AdamW moments 8P, EMA 4P  (16P+4P bytes)
+    gathered       bf16 copies of the blocks being used: the current and the prefetched
+                   block, forward and backward (2 × 2 bytes × block params), plus the root's
+                   unsharded parameters in bf16 (reshard of the root happens after backward)
+    U              the frozen understanding tower's LM (und_tower.tower_param_count), bf16,
+                   replicated on every GPU (0 with --features; a VLM's vision encoder not counted)
+    activations    per micro-batch row, bf16: a generation block keeps ≈ 22·D values per token
+                   of its S = R + N stream (inputs of norms, qkv, q/k after norm and RoPE,
+                   attention output, SwiGLU gate/up/product) plus ≈ 4·D per context token (L),
+                   and the mixed context; with activation checkpointing only each block's input
+                   (D per token) is kept, plus one block's full set while it is recomputed.
+                   The (B, L, m, D_u) understanding states are counted too (fp32 in, bf16 copy).
+    Not counted: the allocator's fragmentation, NCCL buffers, the VAE (fp32, ~1 GB for Wan 2.2
+    or 0 with the latent cache), CUDA context (~0.5 GB). Leave ~10-15% headroom.
+    """
+    from und_tower import LM_CONFIGS, tower_param_count
+
+    mcfg, tcfg = preset.model, preset.train
+    model = build_model(mcfg, device="meta")
+    P = count(model)
+    P_und = tower_param_count(mcfg.tower) if mcfg.tower == "minilm" or mcfg.tower in LM_CONFIGS else 0
+    block = count(model.gen.blocks[0])
+    root = P - block * len(model.gen.blocks) - sum(count(b) for b in getattr(model.router, "blocks", []))
+    per_rank = max(1, tcfg.batch_size // world_size)
+    mb = micro_batch or tcfg.micro_batch or per_rank
+    D, n = mcfg.gen.dim, mcfg.gen.depth
+    S = mcfg.gen.registers + image_tokens(mcfg, mcfg.image_size)  # stream tokens per row
+    L = context_len
+    gib = 1024 ** 3
+    per_block = 2 * (22 * D * S + 4 * D * L + D * L)  # bytes per row, bf16, one block fully saved
+    if act_ckpt:
+        acts = mb * (n * 2 * D * S + per_block)  # inputs of all blocks + one recomputed block
+    else:
+        acts = mb * n * per_block
+    states = mb * L * mcfg.und_states * mcfg.und_dim * (4 + 2)
+    out = {
+        "world_size": world_size, "micro_batch": mb, "image_tokens": S - mcfg.gen.registers, "params": P,
+        "params_grads_adam_ema": 20 * P / world_size / gib,
+        "gathered_bf16": (2 * 2 * 2 * block + 2 * root) / gib,
+        "understanding_tower_bf16": 2 * P_und / gib,
+        "activations": acts / gib,
+        "states": states / gib,
+        "act_ckpt": act_ckpt,
+    }
+    out["total"] = sum(out[k] for k in ("params_grads_adam_ema", "gathered_bf16", "understanding_tower_bf16",
+                                        "activations", "states"))
+    return out
+
+
+def print_memory_report(preset: Preset, world_size: int):
+    """--dry-run lines: per-GPU memory at --world-size W, with and without activation checkpointing."""
+    if world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+    for ckpt in (False, True):
+        m = memory_estimate(preset, world_size, ckpt)
+        print(f"  memory per GPU, {world_size} GPUs, micro-batch {m['micro_batch']}, {m['image_tokens']} image tokens, "
+              f"activation checkpointing {'on' if ckpt else 'off'}: {m['total']:.1f} GiB = "
+              f"{m['params_grads_adam_ema']:.1f} params+grads+Adam+EMA (sharded) + {m['gathered_bf16']:.1f} gathered bf16 "
+              f"+ {m['understanding_tower_bf16']:.1f} U (bf16) + {m['activations']:.1f} activations + {m['states']:.1f} states")
+
+
+#################################################################################
 #                                  Training                                     #
 #################################################################################
 
 
-def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
-    """All randomness of one step from (seed, step): the key to exact resume."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+def init_weights(model: MoS, path: str) -> str:
+    """Load a (text-to-image) checkpoint's weights into a fresh model: MoS-Image → MoS-Edit.
+
+    `path` is a checkpoint/run dir (its EMA weights) or a .safetensors file; a relative path
+    that does not exist from the working directory is tried from this repository. Every key of
+    the model must come from the file except the reference type embedding, which an edit model
+    adds (gen.ref) and a text-to-image checkpoint cannot have. Returns the file it read.
+    """
+    from safetensors.torch import load_file
+
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    if os.path.isdir(path):
+        ckpt = find_checkpoint(path)
+        path = os.path.join(ckpt, "ema.safetensors")
+        if not os.path.exists(path):
+            path = os.path.join(ckpt, "model.safetensors")
+    if not os.path.isfile(path):
+        raise ValueError(f"train.init_from {path!r} does not exist (train the toy first, or --set train.init_from=)")
+    try:
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    except Exception as e:  # size mismatches (another architecture), corrupt files
+        raise ValueError(f"cannot initialise from {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    new_ok = {"gen.ref_type_embed"}
+    if unexpected or set(missing) - new_ok:
+        raise ValueError(f"cannot initialise from {path!r}: missing {sorted(set(missing) - new_ok)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return path
 
 
-def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, device="cpu"):
-    """One forward pass of Algorithm 1; returns (loss, per-sample loss, t)."""
+def sample_generators(seed: int, step: int, rows) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from (seed, step, global row of the batch).
+
+    Every random draw of a sample — caption dropout, t, the noise z1, the ε-greedy choices —
+    comes from its own generator, so it is the same whether the global batch runs in one
+    process, is sharded over N (rank r holds rows r·B/N …), or is split into micro-batches.
+    numpy's SeedSequence mixes the three numbers into a well-spread 64-bit seed.
+    """
+    import numpy as np
+
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, r]).generate_state(1, np.uint64)[0]))
+            for r in rows]
+
+
+def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, device="cpu", *, rows=None):
+    """One forward pass of Algorithm 1; returns (loss, per-sample loss, t).
+
+    rows: the global batch rows this batch holds (default 0 … B-1: the whole batch); they
+    pick the per-sample generators, see `sample_generators`.
+    """
     tcfg, mcfg = preset.train, preset.model
-    g = step_generator(tcfg.seed, step)
-    images, captions = batch
-    drop = torch.rand(len(captions), generator=g) < tcfg.caption_dropout
+    # (images, captions) for text-to-image; (targets, instructions, references) for MoS-Edit.
+    images, captions, refs = (*batch, None) if len(batch) == 2 else batch
+    gens = sample_generators(tcfg.seed, step, range(len(captions)) if rows is None else rows)
+    drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < tcfg.caption_dropout  # (B,)
+    # For edits the dropout hits the instruction only (the reference stays): CFG on the instruction.
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    states, mask = tower_fn(captions)  # (B, L, m, D_u), (B, L)
+    if refs is None:
+        states, mask = tower_fn(captions)  # (B, L, m, D_u), (B, L)
+    else:  # a VLM tower also reads the reference image (und_tower.edit_context)
+        states, mask = tower_fn(captions, images=refs)
     z0 = codec.encode(images.to(device))  # (B, C, h, w)
-    t = sample_t(len(captions), tcfg.t_sampler, scale=tcfg.mode_scale, shift=tcfg.t_shift, generator=g).to(device)
-    z_t, z1 = add_noise(z0, t, generator=g)  # (B, C, h, w)
-    v = model(z_t, t, states.to(device), mask.to(device), eps=mcfg.router.eps, generator=g)
+    t = torch.cat([sample_t(1, tcfg.t_sampler, scale=tcfg.mode_scale, shift=tcfg.t_shift, generator=g)
+                   for g in gens]).to(device)  # (B,)
+    z1 = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(device, z0.dtype)  # (B, C, h, w)
+    z_t, z1 = add_noise(z0, t, z1=z1)  # (B, C, h, w)
+    extra = {} if refs is None else {"ref": codec.encode(refs.to(device))}  # clean, never noised
+    v = model(z_t, t, states.to(device), mask.to(device), eps=mcfg.router.eps, generator=gens, **extra)
+    # v covers the target tokens only, so the reference tokens get no loss.
     per_sample = flow_loss(v, velocity_target(z0, z1), reduction="none")  # (B,)
     return per_sample.mean(), per_sample.detach(), t
 
@@ -349,24 +839,56 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
-def make_data(spec: str, mcfg: ModelConfig, seed: int):
-    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs."""
+def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0):
+    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs.
+
+    Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — ShapesWorld edit
+    triplets, or a .jsonl of {"source", "instruction", "target"} — and a `t2i_fraction` of the
+    steps (drawn from (seed, step), so resume stays exact) are text-to-image pairs instead.
+    """
     import data
 
-    if spec == "shapesworld":
-        return lambda step, B: data.shapes_batch(seed, step * B, B, mcfg.image_size)
+    if mcfg.gen.ref:
+        if spec == "shapesworld":
+            def edits(step, B):
+                src, instructions, tgt = data.edit_batch(seed, step * B, B, mcfg.image_size)
+                return tgt, instructions, src
+        else:
+            real = data.EditData(spec, mcfg.image_size, seed=seed)
+
+            def edits(step, B):
+                src, instructions, tgt = real.batch(step, B)
+                return tgt, instructions, src
+        if t2i_fraction <= 0:
+            return edits
+        if spec != "shapesworld":
+            raise ValueError("train.t2i_fraction > 0 mixes in ShapesWorld text-to-image batches; use --data shapesworld")
+
+        import numpy as np
+
+        def mixed(step, B):
+            if np.random.default_rng([seed, 9, step]).random() < t2i_fraction:
+                return data.shapes_batch(seed, step * B, B, mcfg.image_size)
+            return edits(step, B)
+        return mixed
+    if spec == "shapesworld":  # start/count: one rank's rows of the global batch (shard_batch)
+        return lambda step, B, start=0, count=None: data.shapes_batch(seed, step * B + start, B if count is None else count,
+                                                                     mcfg.image_size)
     real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
                                  multiple=codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size, seed=seed)
     return real.batch
 
 
 def train(preset: Preset, out: str, resume: str | None = None, device="cpu", quiet=False, stop_at: int | None = None,
-          data_spec: str = "shapesworld", features: str | None = None):
-    """The single-process training loop. Returns the list of (step, loss) it logged.
+          data_spec: str = "shapesworld", features: str | None = None, latents: str | None = None):
+    """The training loop, in one plain process or on every rank under torchrun (FSDP2, see
+    "Scale-out"). Returns the list of (step, global loss) it ran.
 
     data_spec: "shapesworld" or a folder / .jsonl of image–caption pairs.
     features: an on-disk understanding-feature cache (data.build_feature_cache); U is then
     loaded only if a caption is missing from it.
+    latents: an on-disk latent cache (data.build_latent_cache) read instead of data_spec; the
+    VAE then only decodes the sample grids (App. B.4's producer–consumer, image side).
     """
     from tqdm import tqdm
 
@@ -376,29 +898,57 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
 
     tcfg, mcfg = preset.train, preset.model
     check_size(mcfg.image_size, mcfg.codec, mcfg.gen.patch_size)
-    torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg, device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    dist = init_distributed(device)  # under torchrun: this rank's process group and GPU
+    device, quiet = dist.device, quiet or not dist.main  # rank 0 logs
+    B = tcfg.batch_size  # the GLOBAL batch, whatever the world size
+    if B % dist.world:
+        raise ValueError(f"the global batch {B} must be a multiple of the {dist.world} processes")
+    per_rank = B // dist.world
+    micro = tcfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.micro_batch {micro} must divide the {per_rank} rows each process trains per step")
+    if dist.enabled:  # FSDP2 over the world (see "Scale-out")
+        model, ema = build_sharded(preset, dist, use_activation_checkpointing(preset),
+                                   init_from="" if resume else tcfg.init_from)
+    else:
+        torch.manual_seed(tcfg.seed)
+        model = build_model(mcfg, device).train()
+        if tcfg.init_from and not resume:  # before the EMA copy, so the EMA starts there too
+            log(f"initialised from {init_weights(model, tcfg.init_from)}", quiet)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, tcfg)
+    torch.manual_seed(tcfg.seed + dist.rank)  # per-rank seed for anything not drawn per sample
     start = 0
     if resume:
         ckpt = find_checkpoint(resume)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
-        ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+        if is_distributed_checkpoint(ckpt):  # DCP, written by any number of processes
+            start = load_distributed_checkpoint(ckpt, model, ema, opt, dist)["step"]
+        elif dist.enabled:
+            raise ValueError(f"{ckpt} is a single-process checkpoint; resume it with plain `python train.py --resume`")
+        else:
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
+            ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            start = state["step"]
         log(f"resumed from {ckpt} at step {start}", quiet)
     memo = data.load_feature_cache(features) if features else None
-    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device), memo=memo)
+    tower_dtype = getattr(torch, tcfg.tower_dtype) if tcfg.tower_dtype else None  # bf16 for full presets (App. A)
+    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device, dtype=tower_dtype), memo=memo)
     if memo is None:
         log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
     else:
         log(f"understanding states for {len(memo)} captions from the feature cache {features}", quiet)
-    batch_fn = make_data(data_spec, mcfg, tcfg.seed)
-    codec = load_codec(mcfg.codec).to(device)
+    if latents:  # z0 precomputed: the batch holds latents, the codec's encode is the identity
+        cache = data.LatentCache(latents, seed=tcfg.seed)
+        cache.check(mcfg.image_size, codec_shape(mcfg.codec)[0])
+        batch_fn, codec = cache.batch, data.PrecomputedLatentCodec(mcfg.codec)
+        log(f"{len(cache)} latents from the latent cache {latents}", quiet)
+    else:
+        batch_fn = make_data(data_spec, mcfg, tcfg.seed, tcfg.t2i_fraction)
+        codec = load_codec(mcfg.codec).to(device)
     log(f"generation tower {count(model.gen) / 1e6:.2f}M · router {count(model.router) / 1e6:.2f}M", quiet)
     os.makedirs(out, exist_ok=True)
     end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
@@ -406,43 +956,81 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
     bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=quiet, dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        batch = batch_fn(step, tcfg.batch_size)
+        fail_at = os.environ.get("MOS_TEST_FAIL_AT_STEP")  # test hook: the last rank dies once, here
+        if fail_at and step == int(fail_at) and dist.rank == dist.world - 1 \
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os._exit(17)  # like a lost GPU: no cleanup; torchrun --max-restarts restarts every worker
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
-        loss, per_sample, t = training_step(model, batch, tower, codec, preset, step, device)
+        first = dist.rank * per_rank  # this rank's rows of the global batch
+        batch = shard_batch(batch_fn, step, B, first, per_rank)
+        opt.zero_grad(set_to_none=True)
+        loss, per_sample, t = 0.0, [], []
+        for a in range(0, per_rank, micro):  # gradient accumulation over micro-batches
+            mb = tuple(x[a:a + micro] for x in batch)
+            n = len(mb[1])  # rows actually read (a real-data file can fail to open)
+            m_loss, m_per, m_t = training_step(model, mb, tower, codec, preset, step, device,
+                                               rows=range(first + a, first + a + n))
+            (m_loss * (n / per_rank)).backward()  # gradients of the mean over this rank's rows
+            loss = loss + m_loss.detach() * (n / per_rank)
+            per_sample.append(m_per)
+            t.append(m_t)
+        per_sample, t = torch.cat(per_sample), torch.cat(t)  # (per_rank,) each, for the loss-by-t log
+        if dist.enabled:  # FSDP2 averaged the gradients over ranks; average the logged loss alike
+            torch.distributed.all_reduce(loss)
+            loss = loss / dist.world
+        # Checked on the global loss, so every rank stops together (no rank left in a collective);
+        # no optimiser step is taken, so the weights stay those of the last good step.
         if not torch.isfinite(loss):
             msg = f"non-finite loss {loss.item()} at step {step}; stopping."
             msg += f" The last good checkpoint is {last_good}." if last_good else " No checkpoint was written yet."
             raise FloatingPointError(msg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP2
         opt.step()
         ema_update(ema, model, tcfg.ema_decay if step > tcfg.warmup else min(tcfg.ema_decay, (1 + step) / (10 + step)))
         history.append((step, loss.item()))
-        if step % tcfg.log_every == 0 or step == end - 1:
-            bins = loss_by_t_bins(per_sample, t, bins=4)
+        if dist.main and (step % tcfg.log_every == 0 or step == end - 1):
+            bins = loss_by_t_bins(per_sample, t, bins=4)  # rank 0's rows
             bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{gnorm:.2f}", lr=f"{lr_at(step, tcfg):.2e}")
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "loss_by_t": bins, "grad_norm": gnorm.item(),
                                     "lr": lr_at(step, tcfg), "elapsed_s": round(time.time() - t0, 1)}) + "\n")
         done = step + 1
-        if done % tcfg.ckpt_every == 0 or done == end:
+        if (done % tcfg.ckpt_every == 0 or done == end) and dist.enabled:
+            last_good = save_distributed_checkpoint(out, done, model, ema, opt, preset, dist, done * B)
+        elif done % tcfg.ckpt_every == 0 or done == end:
             state = {"optimizer": opt.state_dict(), "step": done, "torch_rng": torch.get_rng_state(),
                      "data_position": done * tcfg.batch_size}
             last_good = save_checkpoint(out, done, model, ema, preset, state)
-        if tcfg.sample_every and (done % tcfg.sample_every == 0 or done == end):
-            write_sample_grid(ema, tower, codec, preset, os.path.join(out, f"samples-{done:06d}.png"), device)
+        if tcfg.sample_every and not mcfg.gen.ref and (done % tcfg.sample_every == 0 or done == end):
+            # Under FSDP2 every rank runs the (sharded) EMA forward; rank 0 writes the PNG.
+            grid = os.path.join(out, f"samples-{done:06d}.png") if dist.main else None
+            write_sample_grid(ema, tower, codec, preset, grid, device)
     return history
 
 
+GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two circles", "three squares",
+                "a red circle to the left of a blue square", "a yellow square and a purple circle", "a triangle"]
+
+
 def write_sample_grid(model, tower_fn, codec, preset, path, device="cpu"):
+    from torch.distributed.fsdp import FSDPModule
+
     from sample import generate, save_grid  # lazy: sample.py imports this file
 
-    prompts = ["a red circle", "a blue square", "a green triangle", "two circles", "three squares",
-               "a red circle to the left of a blue square", "a yellow square and a purple circle", "a triangle"]
-    images = generate(model, tower_fn, codec, prompts, preset, seed=0, device=device)
-    save_grid(images, path, ncol=4)
+    prompts = GRID_PROMPTS
+
+    sharded = isinstance(model, FSDPModule)  # under torchrun every rank samples, in step
+    if sharded:  # project_states uses the root's weights OUTSIDE forward: gather them first
+        model.unshard()
+    try:
+        images = generate(model, tower_fn, codec, prompts, preset, seed=0, device=device)
+    finally:
+        if sharded:
+            model.reshard()
+    if path:  # None on ranks other than 0
+        save_grid(images, path, ncol=4)
 
 
 def log(msg: str, quiet: bool = False):
@@ -470,17 +1058,41 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dry-run", action="store_true", help="print sizes (meta device) and exit")
+    p.add_argument("--world-size", type=int, default=8, help="--dry-run: GPUs to estimate the per-GPU memory for")
+    p.add_argument("--micro-batch", type=int, help="rows per forward on each process (gradient accumulation)")
+    p.add_argument("--act-ckpt", choices=("auto", "on", "off"), help="activation checkpointing (auto: on from 1024²)")
+    p.add_argument("--stage", type=int, choices=sorted(STAGES),
+                   help="training stage of a full preset (Sec. 3.5): 1 512², 2 1024², 3 aesthetic 1024², 4 2048²")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights only (the previous stage's run dir or checkpoint): fresh optimiser, step 0")
+    p.add_argument("--latents", default=None, metavar="DIR",
+                   help="Wan latent cache dir (python data.py --latents DIR ...): read z0 instead of encoding images")
     return p.parse_args(argv)
 
 
 def main(args) -> int:
+    # torchrun --max-restarts: a restarted worker (TORCHELASTIC_RESTART_COUNT > 0) continues
+    # from its run directory's latest checkpoint instead of starting over.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    run_dir = args.out or os.path.join("runs", args.preset + (f"-stage{args.stage}" if getattr(args, "stage", None) else ""))
+    if restarted and not args.resume and os.path.isdir(run_dir) and any(
+            d.startswith("step-") and not d.endswith(".tmp") for d in os.listdir(run_dir)):
+        args.resume = run_dir
     if args.resume:
         with open(os.path.join(find_checkpoint(args.resume), "config.json")) as f:
             preset = Preset.from_dict(json.load(f))
     else:
         preset = get_preset(args.preset)
-    for key in ("steps", "batch_size", "lr"):
-        if getattr(args, key) is not None:
+    if getattr(args, "stage", None):
+        if not args.resume:
+            preset = stage_preset(preset, args.stage)
+        elif preset.train.stage != args.stage:  # a resume (or torchrun restart) keeps the checkpoint's stage
+            raise ValueError(f"--resume continues the checkpoint's own stage ({preset.train.stage}); start stage "
+                             f"{args.stage} as a new run with --stage {args.stage} --init-from PREVIOUS_RUN")
+    if getattr(args, "init_from", None):
+        preset.train.init_from = args.init_from
+    for key in ("steps", "batch_size", "lr", "micro_batch", "act_ckpt"):
+        if getattr(args, key, None) is not None:
             setattr(preset.train, key, getattr(args, key))
     apply_overrides(preset, args.set)
     if args.dry_run:
@@ -490,12 +1102,18 @@ def main(args) -> int:
         print(f"  generation tower     {sizes['generation_tower'] / 1e6:10.2f} M parameters")
         print(f"  router               {sizes['router'] / 1e6:10.2f} M parameters")
         print(json.dumps(sizes))
+        print_scale_report(preset)
+        print_memory_report(preset, args.world_size)
         return 0
     out = args.out or (args.resume if args.resume and not os.path.exists(os.path.join(args.resume, "config.json"))
-                       else os.path.join("runs", args.preset))
+                       else os.path.join("runs", args.preset + (f"-stage{args.stage}" if args.stage else "")))
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    train(preset, out, resume=args.resume, device=args.device, data_spec=args.data, features=args.features)
-    print(f"done: checkpoints in {out}")
+    train(preset, out, resume=args.resume, device=args.device, data_spec=args.data, features=args.features,
+          latents=args.latents)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: checkpoints in {out}")
     return 0
 
 

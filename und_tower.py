@@ -19,6 +19,10 @@ What we fixed where the paper is open (DESIGN.md §3.1):
   * For a VLM, the states are those of its language model; the image tokens the processor
     inserts are part of the sequence L, just like text tokens.
 
+Also here: `tower_param_count` (a named tower's language model sized on the meta device, for
+`train.py --dry-run`) and `self_cot` (Sec. 4.4: the tower's own LM first rewrites the prompt as a
+reasoning caption, which is then encoded and routed; `sample.py --self-cot`).
+
 Neighbours: router.py consumes `TowerOutput.embeds` and `.states`; gen_tower.py projects the
 mixed states; data.py may cache `TowerOutput`s so that U is not run every step (App. B.4:
 "its embeddings can be provided in a Producer-Consumer manner").
@@ -188,6 +192,36 @@ class UnderstandingTower(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# MoS-Edit: what U reads for an edit (Sec. 3.4, Fig. 4, App. B.5; DESIGN §3.9)
+
+
+def to_pil(images) -> list:
+    """Pixel tensors (B, 3, H, W) in [-1, 1] → B PIL RGB images (what a VLM processor wants).
+    A list of PIL images is passed through unchanged."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    from PIL import Image
+
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+
+
+def edit_context(tower: UnderstandingTower, instructions: list[str], images) -> TowerOutput:
+    """U's context for an edit: the reference image AND the instruction when U is a VLM — the
+    paper's "both towers take the reference image" — through the VLM's own processor, image
+    first (see `forward`). When U is text-only (the toy's MiniLM, LLaMA-3.2-3B), it can only
+    read the instruction: the reference then reaches the model through the generation tower's
+    reference tokens alone, which is the paper's "w/o understanding-tower context" variant of
+    App. B.5 (Fig. 12), not its full design.
+
+    instructions: B strings · images: (B, 3, H, W) in [-1, 1] or B PIL images.
+    """
+    if tower.is_vlm:
+        return tower(instructions, images=to_pil(images))
+    return tower(instructions)  # text-only U: the instruction only (see above)
+
+
+# -----------------------------------------------------------------------------
 # The tower zoo
 
 
@@ -217,7 +251,9 @@ TOWERS: dict[str, TowerSpec] = {
 # the model class each named tower is loaded with (a name in `transformers`)
 _MODEL_CLASS = {
     "minilm": "AutoModel",
-    "llama-3.2-3b": "AutoModel",  # -> LlamaModel, no LM head
+    # -> LlamaForCausalLM: its LM head is tied to the embeddings (no extra memory) and lets the
+    # tower write a self-CoT caption (`self_cot`); `forward` reads states via base_model anyway.
+    "llama-3.2-3b": "AutoModelForCausalLM",
     "plm-1b": "PerceptionLMForConditionalGeneration",
     "plm-8b": "PerceptionLMForConditionalGeneration",
     "internvl-14b": "InternVLForConditionalGeneration",
@@ -281,3 +317,98 @@ def load_tower(
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"could not load understanding tower {name!r} from {source!r}: {first_line}") from None
     return UnderstandingTower(model.to(device), processor, dtype=dtype, max_length=max_length)
+
+
+# -----------------------------------------------------------------------------
+# Sizes without weights: the language models of the named towers on the meta device
+
+# The language-model part of each named tower, from its published config.json (text_config for
+# a VLM): the part whose m hidden states MoS routes. Built on the meta device it has every
+# parameter's shape and no memory, so `train.py --dry-run` can print the tower's size without
+# a download. The VLMs' vision encoders (PLM's Perception Encoder needs `timm`) are not
+# counted: they run once per context image and their states are not routed.
+LM_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    # meta-llama/Llama-3.2-3B: 3.21B, embeddings tied to the LM head
+    "llama-3.2-3b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)),
+    # facebook/Perception-LM-1B: a Llama-3.2-1B (1.24B, tied)
+    "plm-1b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
+    # facebook/Perception-LM-8B: a Llama-3.1-8B (8.03B, untied head)
+    "plm-8b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    # OpenGVLab/InternVL3-14B-hf: a Qwen2.5-14B (14.8B, untied head, qkv biases)
+    "internvl-14b": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=151674, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False)),
+}
+
+
+def tower_param_count(name: str) -> int:
+    """Parameters of a named tower's language model, counted on the meta device (no weights,
+    no download; the embedded MiniLM's config ships with its package)."""
+    import transformers
+
+    if name == "minilm":
+        config = transformers.AutoConfig.from_pretrained(str(_minilm_path()), local_files_only=True)
+        model_class = transformers.AutoModel.from_config
+    elif name in LM_CONFIGS:
+        config_class, class_name, kwargs = LM_CONFIGS[name]
+        config = getattr(transformers, config_class)(**kwargs)
+        model_class = getattr(transformers, class_name)
+    else:
+        raise ValueError(f"no published config for tower {name!r}; sizes are known for {', '.join(TOWERS)}.")
+    with torch.device("meta"):
+        model = model_class(config)
+    # parameters() yields a tied embedding / LM head once, as it is stored
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Self-CoT (Sec. 4.4): the tower's own language model rewrites the prompt first
+
+SELF_COT_TEMPLATE = (
+    "Rewrite the image prompt below as one detailed caption of the picture to draw. Think about what "
+    "the prompt implies (the objects, their number, colours, places, and any facts it refers to) and "
+    "state it explicitly.\nPrompt: {prompt}\nCaption:"
+)
+
+
+@torch.no_grad()
+def self_cot(tower: UnderstandingTower, prompts: list[str], *, max_new_tokens: int = 128,
+             template: str = SELF_COT_TEMPLATE) -> list[str]:
+    """Sec. 4.4, self-CoT (Deng et al. 2025): "the understanding model progressively generates
+    a reasoning-based caption, which then serves as contextual guidance for the generation
+    tower". One greedy `generate` per batch with the tower's own LM head; the returned captions
+    replace the prompts, so they are what U encodes and R routes. U is frozen and unchanged:
+    this only changes its input.
+
+    The instruction goes through the tokenizer's chat template when it has one (instruct VLMs
+    such as PLM and InternVL), else as the plain `template` (a base LM such as LLaMA-3.2-3B).
+    An empty rewrite falls back to the original prompt, so every prompt still has a context.
+    """
+    model = tower.model
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError(
+            f"self-CoT needs an understanding tower that can write text, but {type(model).__name__} has no "
+            "language-model head (the toy's MiniLM is an encoder); use an LLM/VLM tower such as "
+            "'llama-3.2-3b', 'plm-8b' or 'internvl-14b'."
+        )
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("self_cot wants a non-empty list of prompts.")
+    tok = tower.tokenizer
+    texts = [template.format(prompt=p) for p in prompts]
+    chat = bool(getattr(tok, "chat_template", None))
+    if chat:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                 for t in texts]
+    # Left padding for generation: every row's new tokens then start at the same column.
+    enc = tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=not chat)
+    enc = {k: v.to(tower.device) for k, v in enc.items()}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]  # (B, ≤ max_new_tokens) the written tokens only
+    captions = [" ".join(s.split()) for s in tok.batch_decode(new, skip_special_tokens=True)]
+    return [c if c else p for c, p in zip(captions, prompts)]

@@ -1,0 +1,209 @@
+"""Image editing with a trained MoS-Edit checkpoint: reference image + instruction → edited image.
+
+Paper Sec. 3.4 and Fig. 4 (MoS-Edit inference), App. B.5 (the reference image goes to both
+towers). DESIGN §3.9, §6 (CLI contract).
+
+    python edit.py img.png "make the red circle blue"                    # → edited.png
+    python edit.py img.png "remove the blue square" --out out.png --seed 3 --cfg 4
+    python edit.py --edits edits.jsonl --outdir out/   # lines {"image": PATH, "instruction": TEXT}
+                                                       # → out/0000.png, 0001.png, … in line order
+
+Inference (Fig. 4, Alg. 2 with a reference):
+    reference image ──┬─► U (with the instruction, when U is a VLM) ─► states (B, L, m, D_u)
+                      └─► codec.encode ─► clean reference tokens in G's stream (never noised)
+    z_1 ~ N(0, I);  each step: R(c, t, z_t) ─► top-k ─► G([registers; z_t tokens; ref tokens]) ─► v̂
+    CFG on the instruction: the unconditional branch keeps the reference and drops the text.
+    z_0 ─► codec.decode ─► edited image
+
+NOTE: the shipped toy_edit checkpoint's understanding tower is MiniLM, a text-only encoder, so
+U reads the instruction only; the reference reaches the model through G's reference tokens.
+That is the paper's "w/o understanding-tower context" variant (App. B.5), not the full design;
+a VLM tower (plm-8b, internvl-14b) reads image + instruction (und_tower.edit_context).
+
+The sampling machinery (noise seeds, schedule, CFG, rescale) is sample.py's `generate`, with
+the reference images passed as `refs`. Input images of another size are resized (and
+centre-cropped if not square) to the checkpoint's training size, with a note on stderr.
+
+With no --ckpt the small checkpoint shipped in checkpoints/toy_edit/ is used.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_EDIT_CKPT = os.path.join(HERE, "checkpoints", "toy_edit")
+
+
+#################################################################################
+#                                   Inputs                                      #
+#################################################################################
+
+
+def open_image(path: str):
+    """An image file → a PIL RGB image; a missing or unreadable file is one ValueError naming it.
+    (Called for every input BEFORE the checkpoint loads, so a typo fails fast.)"""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ValueError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path!r} is not an image file that can be read ({type(e).__name__})") from None
+
+
+def to_model_size(img, size: int, name: str = "the image", note=None) -> torch.Tensor:
+    """PIL image → (3, size, size) float32 in [-1, 1] (the pixel codec's range). Another size is
+    scaled and centre-cropped to size × size (data.resize_center_crop), and `note(message)` is
+    called so the CLI can say so on stderr."""
+    import data
+
+    if img.size != (size, size):
+        if note is not None:
+            note(f"note: {name} is {img.width}x{img.height}; resized to the model's {size}x{size}")
+        img = data.resize_center_crop(img, (size, size))
+    return data.to_tensor(np.asarray(img))  # (3, S, S)
+
+
+def check_instruction(text) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the instruction is empty: say what to change, e.g. \"make the red circle blue\"")
+    return text.strip()
+
+
+def read_edits(path: str) -> list[tuple[str, str]]:
+    """A JSONL of {"image": PATH, "instruction": TEXT} lines → [(image path, instruction)].
+    Image paths are relative to the file. One ValueError naming the file and line if bad."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise ValueError(f"cannot read edit file {path!r}: {e.strerror}") from None
+    root, edits = os.path.dirname(os.path.abspath(path)), []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            image, instruction = item["image"], item["instruction"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'instruction'") from None
+        try:
+            instruction = check_instruction(instruction)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        edits.append((os.path.join(root, str(image)), instruction))
+    if not edits:
+        raise ValueError(f"edit file {path!r} holds no edits")
+    return edits
+
+
+#################################################################################
+#                                    Editing                                    #
+#################################################################################
+
+
+def load_edit_model(ckpt: str, device="cpu"):
+    """sample.load_everything for an edit checkpoint; a text-to-image one is a clear error."""
+    from sample import load_everything
+    from train import Preset, find_checkpoint
+
+    try:  # look before loading the tower: a wrong checkpoint fails in a blink
+        with open(os.path.join(find_checkpoint(ckpt), "config.json")) as f:
+            is_edit = Preset.from_dict(json.load(f)).model.gen.ref
+    except (OSError, ValueError, KeyError, TypeError):
+        is_edit = True  # let load_everything give its own precise error
+    if not is_edit:
+        raise ValueError(f"checkpoint {ckpt!r} is a text-to-image model (no reference tokens); "
+                         "use sample.py, or an edit checkpoint such as checkpoints/toy_edit")
+    return load_everything(ckpt, device)
+
+
+def edit_images(model, tower, codec, preset, refs: torch.Tensor, instructions: list[str], *, seed: int = 0,
+                seeds: list[int] | None = None, **sampler) -> np.ndarray:
+    """refs (B, 3, S, S) in [-1, 1] + B instructions → uint8 edited images (B, S, S, 3).
+    Image i uses noise seed seeds[i] (default seed + i); `sampler` = generate's options
+    (steps, cfg, shift, schedule, rescale, device)."""
+    from sample import generate
+
+    return generate(model, tower, codec, instructions, preset, seed=seed, seeds=seeds, refs=refs, **sampler)
+
+
+#################################################################################
+#                                       CLI                                     #
+#################################################################################
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Edit an image with a MoS-Edit checkpoint.")
+    p.add_argument("image", nargs="?", help="the image to edit")
+    p.add_argument("instruction", nargs="?", help='what to change, e.g. "make the red circle blue"')
+    p.add_argument("--edits", metavar="FILE.jsonl", help='lines {"image": PATH, "instruction": TEXT} → --outdir')
+    p.add_argument("--outdir", default="edits")
+    p.add_argument("--out", default="edited.png")
+    p.add_argument("--ckpt", default=DEFAULT_EDIT_CKPT, help="checkpoint dir or run dir (default: the shipped toy_edit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
+    p.add_argument("--cfg", type=float, help="guidance scale on the instruction (default: the preset's)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
+    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
+    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for t in [LO, HI] (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=64, help="edits per forward batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    from PIL import Image
+
+    from sample import atomic_save
+
+    if args.edits:
+        if args.image is not None:
+            raise ValueError("give either IMAGE INSTRUCTION or --edits FILE.jsonl, not both")
+        edits = read_edits(args.edits)
+    else:
+        if args.image is None or args.instruction is None:
+            raise ValueError('give an image and an instruction (edit.py IMAGE "INSTRUCTION"), or --edits FILE.jsonl')
+        edits = [(args.image, check_instruction(args.instruction))]
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    images = [open_image(path) for path, _ in edits]  # every input checked before the model loads
+    model, tower, codec, preset = load_edit_model(args.ckpt, args.device)
+    size = preset.model.image_size
+    note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    refs = torch.stack([to_model_size(img, size, path, note) for img, (path, _) in zip(images, edits)])  # (B, 3, S, S)
+    kw = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, schedule=args.schedule, rescale=args.rescale,
+              cfg_interval=args.cfg_interval, device=args.device)
+    if args.edits:
+        os.makedirs(args.outdir, exist_ok=True)
+        for s in range(0, len(edits), args.batch_size):
+            chunk = [text for _, text in edits[s:s + args.batch_size]]
+            imgs = edit_images(model, tower, codec, preset, refs[s:s + len(chunk)], chunk, seed=args.seed + s, **kw)
+            for i, img in enumerate(imgs):
+                atomic_save(Image.fromarray(img), os.path.join(args.outdir, f"{s + i:04d}.png"))
+        print(f"wrote {len(edits)} edited images to {args.outdir}/", file=sys.stderr)
+    else:
+        img = edit_images(model, tower, codec, preset, refs, [edits[0][1]], seed=args.seed, **kw)[0]
+        atomic_save(Image.fromarray(img), args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
