@@ -142,6 +142,8 @@ def edit_images(model, tower, codec, preset, refs: torch.Tensor, instructions: l
 
 
 def parse_args(argv=None):
+    from sample import add_sampler_args
+
     p = argparse.ArgumentParser(description="Edit an image with a MoS-Edit checkpoint.")
     p.add_argument("image", nargs="?", help="the image to edit")
     p.add_argument("instruction", nargs="?", help='what to change, e.g. "make the red circle blue"')
@@ -149,16 +151,8 @@ def parse_args(argv=None):
     p.add_argument("--outdir", default="edits")
     p.add_argument("--out", default="edited.png")
     p.add_argument("--ckpt", default=DEFAULT_EDIT_CKPT, help="checkpoint dir or run dir (default: the shipped toy_edit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
-    p.add_argument("--cfg", type=float, help="guidance scale on the instruction (default: the preset's)")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
-    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
-    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
-    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only for t in [LO, HI] (default: the preset's)")
+    add_sampler_args(p, guidance_help="guidance scale on the instruction")
     p.add_argument("--batch-size", type=int, default=64, help="edits per forward batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 

@@ -422,7 +422,6 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    import json
     import sys
 
     import torch
@@ -441,18 +440,24 @@ def main(args) -> int:
                "cfg": preset.train.cfg if args.cfg is None else args.cfg,
                "cfg_interval": list(preset.train.cfg_interval if args.cfg_interval is None else args.cfg_interval),
                "images_per_prompt": args.images_per_prompt, "per_category": args.per_category}
+    return emit(scores, args.out)
+
+
+def emit(scores: dict, out: str | None) -> int:
+    """Print the scores as JSON and, with --out, write them too (temp file, then rename)."""
+    import json
+
     text = json.dumps(scores, indent=2)
     print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
+    if out:
+        with open(out + ".tmp", "w") as f:
             f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
+        os.replace(out + ".tmp", out)
     return 0
 
 
 def main_edit(args, device) -> int:
     """python eval.py --edit [--ckpt DIR]: edit accuracy per kind and overall, as JSON."""
-    import json
 
     from edit import DEFAULT_EDIT_CKPT, load_edit_model
 
@@ -468,13 +473,7 @@ def main_edit(args, device) -> int:
                "seed": args.seed}
     if args.strip:
         save_edit_strip(records, args.strip, preset.model.image_size)
-    text = json.dumps(scores, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.out + ".tmp", args.out)
-    return 0
+    return emit(scores, args.out)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,19 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def add_sampler_args(p: argparse.ArgumentParser, guidance_help: str = "classifier-free guidance scale"):
+    """The sampler options sample.py and edit.py share (Sec. 3, App. B.6; flow.py)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
+    p.add_argument("--cfg", type=float, help=f"{guidance_help} (default: the preset's)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
+    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
+    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for t in [LO, HI] (t = 1 is noise; default: the preset's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a MoS checkpoint.")
     p.add_argument("prompt", nargs="?", help="the text prompt")
@@ -328,14 +341,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", metavar="FILE.png", help="with --prompts: also write all images as one grid")
     p.add_argument("--ncol", type=int, default=8, help="grid columns")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint dir or run dir (default: the shipped toy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="Euler steps (default: the preset's)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the preset's)")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule")
-    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"])
-    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1]")
-    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only for t in [LO, HI] (t = 1 is noise; default: the preset's)")
+    add_sampler_args(p)
     p.add_argument("--size", type=int, help="image size in pixels (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward batch")
     p.add_argument("--profile", action="store_true", help="print the latency breakdown (Fig. 7)")
@@ -344,7 +350,6 @@ def parse_args(argv=None):
     p.add_argument("--self-cot", action="store_true",
                    help="Sec. 4.4: the tower's LM first rewrites each prompt as a reasoning caption (LLM/VLM towers)")
     p.add_argument("--cot-tokens", type=int, default=128, help="most tokens a self-CoT caption may have")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 

@@ -189,74 +189,18 @@ def test_toy_edit_preset():
 # ----------------------------------------------------------------- U: image + instruction
 
 
-def _tiny_tokenizer(**special):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "make", "the", "red", "circle", "blue", "remove", "square"]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   extra_special_tokens=special, model_input_names=["input_ids", "attention_mask"])
-
-
 def tiny_plm():
-    """A tiny random PerceptionLM, built as in tests/test_und_tower.py (CLIP vision stand-in,
-    a one-tile image processor: PLM's own need timm / torchvision)."""
-    from transformers import BatchFeature, CLIPVisionConfig, LlamaConfig, PerceptionLMConfig
-    from transformers import PerceptionLMForConditionalGeneration, PerceptionLMProcessor
-    from transformers.image_processing_utils import BaseImageProcessor
+    # The tiny random PerceptionLM / InternVL towers of tests/test_scale.py (real model classes,
+    # offline processors); PLM adds 4 image tokens to the context, InternVL 4 + <img> </img>.
+    from test_scale import tiny_tower
 
-    from und_tower import UnderstandingTower
-
-    class OneTile(BaseImageProcessor):
-        model_input_names = ["pixel_values"]
-
-        def __call__(self, images, **kwargs):
-            px = [torch.from_numpy(np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32))
-                  .permute(2, 0, 1) / 127.5 - 1 for im in images]
-            return BatchFeature({"pixel_values": torch.stack(px)[:, None]})
-
-    class Offline(PerceptionLMProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = _tiny_tokenizer(image_token="<|image|>", video_token="<|video|>")
-    proc = Offline(video_processor=None, image_processor=OneTile(), tokenizer=tok, patch_size=4, pooling_ratio=2)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=16, patch_size=4)
-    vision.model_args = {"embed_dim": 16}
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = PerceptionLMConfig(vision_config=vision, text_config=text, projector_pooling_ratio=2,
-                                image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
-    torch.manual_seed(0)
-    return UnderstandingTower(PerceptionLMForConditionalGeneration(config), proc), 4
+    return tiny_tower("plm-8b"), 4
 
 
 def tiny_internvl():
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
-    from transformers import InternVLVisionConfig, Qwen2Config
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from test_scale import tiny_tower
 
-    from und_tower import UnderstandingTower
-
-    class Offline(InternVLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = _tiny_tokenizer(start_image_token="<img>", end_image_token="</img>",
-                          context_image_token="<IMG_CONTEXT>", video_token="<video>")
-    ip = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1, max_patches=2)
-    proc = Offline(image_processor=ip, tokenizer=tok, video_processor=None, image_seq_length=4)
-    vision = InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=16, patch_size=4)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
-                            image_seq_length=4)
-    torch.manual_seed(0)
-    return UnderstandingTower(InternVLForConditionalGeneration(config), proc), 6
+    return tiny_tower("internvl-14b"), 6
 
 
 @pytest.mark.parametrize("build", [tiny_plm, tiny_internvl], ids=["perception_lm", "internvl"])
