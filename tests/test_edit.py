@@ -190,15 +190,15 @@ def test_toy_edit_preset():
 
 
 def tiny_plm():
-    # The tiny random PerceptionLM / InternVL towers of tests/test_scale.py (real model classes,
+    # The tiny random PerceptionLM / InternVL towers of tests/test_und_tower.py (real model classes,
     # offline processors); PLM adds 4 image tokens to the context, InternVL 4 + <img> </img>.
-    from test_scale import tiny_tower
+    from test_und_tower import tiny_tower
 
     return tiny_tower("plm-8b"), 4
 
 
 def tiny_internvl():
-    from test_scale import tiny_tower
+    from test_und_tower import tiny_tower
 
     return tiny_tower("internvl-14b"), 6
 

@@ -21,91 +21,12 @@ import data
 import train
 from gen_tower import GenConfig, MoS, WanVAECodec, apply_rope, patchify, rope_2d, unpatchify
 from router import RouterConfig
-from test_und_tower import tiny_tokenizer  # the in-memory word-level tokenizer (no network)
+from test_und_tower import tiny_tower  # tiny random towers of the real classes (no network)
 from und_tower import UnderstandingTower
 
 #################################################################################
 #                   Tiny random towers and VAE of the real classes              #
 #################################################################################
-
-
-def tiny_llama_lm(tok):
-    """LlamaForCausalLM: what load_tower('llama-3.2-3b') builds, at 2 layers × 32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        tie_word_embeddings=True))
-
-
-def tiny_plm():
-    """PerceptionLMForConditionalGeneration + its processor (stand-ins as in test_und_tower.py:
-    a CLIP vision tower for timm's Perception Encoder, a one-tile image processor for the one
-    that needs torchvision)."""
-    from transformers import BatchFeature, CLIPVisionConfig, LlamaConfig, PerceptionLMConfig
-    from transformers import PerceptionLMForConditionalGeneration, PerceptionLMProcessor
-    from transformers.image_processing_utils import BaseImageProcessor
-
-    class OneTileImageProcessor(BaseImageProcessor):
-        model_input_names = ["pixel_values"]
-
-        def __call__(self, images, **kwargs):
-            px = [torch.tensor(np.asarray(im.convert("RGB").resize((16, 16))), dtype=torch.float32).permute(2, 0, 1)
-                  / 127.5 - 1 for im in images]
-            return BatchFeature({"pixel_values": torch.stack(px)[:, None]})  # (B, 1, 3, 16, 16)
-
-    class OfflinePLMProcessor(PerceptionLMProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = tiny_tokenizer(image_token="<|image|>", video_token="<|video|>")
-    processor = OfflinePLMProcessor(video_processor=None, image_processor=OneTileImageProcessor(), tokenizer=tok,
-                                    patch_size=4, pooling_ratio=2)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=16, patch_size=4)
-    vision.model_args = {"embed_dim": 16}
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = PerceptionLMConfig(vision_config=vision, text_config=text, projector_pooling_ratio=2,
-                                image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
-    torch.manual_seed(0)
-    return PerceptionLMForConditionalGeneration(config), processor
-
-
-def tiny_internvl():
-    """InternVLForConditionalGeneration (Qwen2 language model) + its real PIL image processor."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
-    from transformers import InternVLVisionConfig, Qwen2Config
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    class OfflineInternVLProcessor(InternVLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = tiny_tokenizer(start_image_token="<img>", end_image_token="</img>",
-                         context_image_token="<IMG_CONTEXT>", video_token="<video>")
-    processor = OfflineInternVLProcessor(
-        image_processor=GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
-                                                 min_patches=1, max_patches=2),
-        tokenizer=tok, video_processor=None, image_seq_length=4)
-    vision = InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=16, patch_size=4)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
-                            image_seq_length=4)
-    torch.manual_seed(0)
-    return InternVLForConditionalGeneration(config), processor
-
-
-def tiny_tower(name: str, dtype=None) -> UnderstandingTower:
-    """A tiny random tower of the class the named full-preset tower loads as (m = 3, D = 32)."""
-    if name == "llama-3.2-3b":
-        tok = tiny_tokenizer()
-        return UnderstandingTower(tiny_llama_lm(tok), tok, dtype=dtype)
-    model, processor = {"plm-8b": tiny_plm, "internvl-14b": tiny_internvl}[name]()
-    return UnderstandingTower(model, processor, dtype=dtype)
 
 
 def tiny_wan_vae(z_dim: int = 48):

@@ -8,6 +8,7 @@ transformers model classes built from tiny random configs, fed by an in-memory w
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -166,13 +167,99 @@ def tiny_tokenizer(**named_special_tokens):
     )
 
 
-def tiny_llama(vocab_size):
-    from transformers import LlamaConfig, LlamaModel
+def tiny_llama(vocab_size, causal_lm: bool = False):
+    """LlamaModel (or LlamaForCausalLM, what load_tower('llama-3.2-3b') builds) at 2 layers × 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaModel(cfg)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=causal_lm)
+    return (LlamaForCausalLM if causal_lm else LlamaModel)(cfg)
+
+
+def tiny_plm():
+    """PerceptionLMForConditionalGeneration + its processor, 16×16 tiles -> 4 image tokens.
+
+    NOTE: two stand-ins, because PLM's vision side needs packages this project does not install.
+    (1) The real PLM vision tower is a timm Perception Encoder (TimmWrapperModel needs `timm`);
+        here a tiny CLIP vision model takes its place: PerceptionLMModel builds whatever
+        `vision_config` names, drops its CLS token and projects it, reading the width from
+        `vision_config.model_args["embed_dim"]` as for timm. The language model, where U's states
+        come from, is the real LlamaModel.
+    (2) PerceptionLMImageProcessor and the video processor slot both need `torchvision`. The
+        image stand-in returns what the real one returns with one tile, pixel_values
+        (B, tiles=1, 3, S, S); the processor is the real PerceptionLMProcessor (it expands
+        <|image|> into (S / patch / pooling)^2 tokens), with its sub-processor class check
+        skipped because that check alone imports torchvision's video mapping.
+    """
+    from transformers import BatchFeature, CLIPVisionConfig, LlamaConfig, PerceptionLMConfig
+    from transformers import PerceptionLMForConditionalGeneration, PerceptionLMProcessor
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    class OneTileImageProcessor(BaseImageProcessor):
+        model_input_names = ["pixel_values"]
+
+        def __call__(self, images, **kwargs):
+            px = [torch.tensor(np.asarray(im.convert("RGB").resize((16, 16))), dtype=torch.float32).permute(2, 0, 1)
+                  / 127.5 - 1 for im in images]
+            return BatchFeature({"pixel_values": torch.stack(px)[:, None]})  # (B, 1, 3, 16, 16)
+
+    class OfflinePLMProcessor(PerceptionLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+    tok = tiny_tokenizer(image_token="<|image|>", video_token="<|video|>")
+    processor = OfflinePLMProcessor(video_processor=None, image_processor=OneTileImageProcessor(), tokenizer=tok,
+                                    patch_size=4, pooling_ratio=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=4)
+    vision.model_args = {"embed_dim": 16}
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    config = PerceptionLMConfig(vision_config=vision, text_config=text, projector_pooling_ratio=2,
+                                image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
+    torch.manual_seed(0)
+    return PerceptionLMForConditionalGeneration(config), processor
+
+
+def tiny_internvl():
+    """InternVLForConditionalGeneration (Qwen2 language model) + its real PIL image processor.
+
+    NOTE: only the processor's sub-processor class check is skipped, because it imports
+    torchvision's video mapping for the (unused) video processor slot.
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers import InternVLVisionConfig, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    class OfflineInternVLProcessor(InternVLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+    tok = tiny_tokenizer(start_image_token="<img>", end_image_token="</img>",
+                         context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    processor = OfflineInternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
+                                                 min_patches=1, max_patches=2),
+        tokenizer=tok, video_processor=None, image_seq_length=4)
+    vision = InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=16, patch_size=4)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
+                            image_seq_length=4)
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(config), processor
+
+
+def tiny_tower(name: str, dtype=None) -> UnderstandingTower:
+    """A tiny random tower of the class the named full-preset tower loads as (m = 3, D = 32)."""
+    if name == "llama-3.2-3b":
+        tok = tiny_tokenizer()
+        return UnderstandingTower(tiny_llama(len(tok), causal_lm=True), tok, dtype=dtype)
+    model, processor = {"plm-8b": tiny_plm, "internvl-14b": tiny_internvl}[name]()
+    return UnderstandingTower(model, processor, dtype=dtype)
 
 
 def test_tiny_llama_tower():
@@ -237,45 +324,8 @@ def _check_vlm(tower, n_image_tokens):
 
 
 def test_tiny_perception_lm_tower():
-    from transformers import BatchFeature, CLIPVisionConfig, LlamaConfig, PerceptionLMConfig
-    from transformers import PerceptionLMForConditionalGeneration, PerceptionLMProcessor
-    from transformers.image_processing_utils import BaseImageProcessor
-
-    # NOTE: two stand-ins, because PLM's vision side needs packages this project does not install.
-    # (1) The real PLM vision tower is a timm Perception Encoder (TimmWrapperModel needs `timm`);
-    #     here a tiny CLIP vision model takes its place: PerceptionLMModel builds whatever
-    #     `vision_config` names, drops its CLS token and projects it, reading the width from
-    #     `vision_config.model_args["embed_dim"]` as for timm. The language model, where U's states
-    #     come from, is the real LlamaModel.
-    # (2) PerceptionLMImageProcessor and the video processor slot both need `torchvision`. The
-    #     image stand-in returns what the real one returns with one tile, pixel_values
-    #     (B, tiles=1, 3, S, S); the processor is the real PerceptionLMProcessor (it expands
-    #     <|image|> into (S / patch / pooling)^2 tokens), with its sub-processor class check
-    #     skipped because that check alone imports torchvision's video mapping.
-    class OneTileImageProcessor(BaseImageProcessor):
-        model_input_names = ["pixel_values"]
-
-        def __call__(self, images, **kwargs):
-            pixels = [torch.tensor(list(im.convert("RGB").resize((16, 16)).getdata()), dtype=torch.float32)
-                      .view(16, 16, 3).permute(2, 0, 1) / 127.5 - 1 for im in images]
-            return BatchFeature({"pixel_values": torch.stack(pixels)[:, None]})  # (B, 1, 3, 16, 16)
-
-    class OfflinePLMProcessor(PerceptionLMProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = tiny_tokenizer(image_token="<|image|>", video_token="<|video|>")
-    processor = OfflinePLMProcessor(video_processor=None, image_processor=OneTileImageProcessor(),
-                                    tokenizer=tok, patch_size=4, pooling_ratio=2)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=16, patch_size=4)
-    vision.model_args = {"embed_dim": 16}
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = PerceptionLMConfig(vision_config=vision, text_config=text, projector_pooling_ratio=2,
-                                image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
-    torch.manual_seed(0)
-    tower = UnderstandingTower(PerceptionLMForConditionalGeneration(config), processor)
+    model, processor = tiny_plm()
+    tower = UnderstandingTower(model, processor)
     assert (tower.num_states, tower.width, tower.is_vlm) == (3, 32, True)
 
     # 16x16 tile, patch 4 -> 4x4 patches, pooled 2x2 -> 4 image tokens
@@ -291,31 +341,7 @@ def test_tiny_perception_lm_tower():
 
 
 def test_tiny_internvl_tower():
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
-    from transformers import InternVLVisionConfig, Qwen2Config
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    # NOTE: the image processor is the real one (its PIL backend); only the processor's
-    # sub-processor class check is skipped, because it imports torchvision's video mapping
-    # for the (unused) video processor slot.
-    class OfflineInternVLProcessor(InternVLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    tok = tiny_tokenizer(start_image_token="<img>", end_image_token="</img>",
-                         context_image_token="<IMG_CONTEXT>", video_token="<video>")
-    image_processor = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
-                                               min_patches=1, max_patches=2)
-    processor = OfflineInternVLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
-                                         image_seq_length=4)
-    vision = InternVLVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=16, patch_size=4)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
-                            image_seq_length=4)
-    torch.manual_seed(0)
-    tower = UnderstandingTower(InternVLForConditionalGeneration(config), processor)
+    tower = UnderstandingTower(*tiny_internvl())
     assert (tower.num_states, tower.width, tower.is_vlm) == (3, 32, True)
     # a square image is one 16x16 patch: 4x4 patches pixel-shuffled by 0.5 -> 4 context tokens,
     # wrapped as <img> <IMG_CONTEXT> x 4 </img> = 6 tokens. InternVL's processor pads on the left
