@@ -662,13 +662,13 @@ def edit_batch(seed: int, start: int, batch_size: int, size: int = 32):
 # reference tokens take the target's 2D positions — gen_tower.MoS.forward).
 
 
-def read_edit_records(spec: str) -> list[tuple[str, str, str]]:
-    """A .jsonl edit manifest → [(source path, instruction, target path)]; one clear ValueError."""
+def read_jsonl(spec: str, keys: tuple[str, ...], path_keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """The lines of a .jsonl manifest as dicts of `keys` (strings); those in `path_keys` are taken
+    relative to the manifest's folder. Blank lines are skipped, a malformed line is one clear
+    ValueError (file:line)."""
     import json
     import os
 
-    if not (os.path.isfile(spec) and spec.endswith(".jsonl")):
-        raise ValueError(f"edit data {spec!r} is not a .jsonl manifest of {{'source', 'instruction', 'target'}} lines")
     root, records = os.path.dirname(os.path.abspath(spec)), []
     with open(spec, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -676,10 +676,22 @@ def read_edit_records(spec: str) -> list[tuple[str, str, str]]:
                 continue
             try:
                 item = json.loads(line)
-                records.append((os.path.join(root, item["source"]), str(item["instruction"]),
-                                os.path.join(root, item["target"])))
+                records.append({k: os.path.join(root, item[k]) if k in path_keys else str(item[k]) for k in keys})
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{spec}:{n}: expected a JSON object with 'source', 'instruction' and 'target'") from None
+                names = [repr(k) for k in keys]
+                raise ValueError(f"{spec}:{n}: expected a JSON object with "
+                                 f"{', '.join(names[:-1])} and {names[-1]}") from None
+    return records
+
+
+def read_edit_records(spec: str) -> list[tuple[str, str, str]]:
+    """A .jsonl edit manifest → [(source path, instruction, target path)]; one clear ValueError."""
+    import os
+
+    if not (os.path.isfile(spec) and spec.endswith(".jsonl")):
+        raise ValueError(f"edit data {spec!r} is not a .jsonl manifest of {{'source', 'instruction', 'target'}} lines")
+    records = read_jsonl(spec, ("source", "instruction", "target"), path_keys=("source", "target"))
+    records = [(r["source"], r["instruction"], r["target"]) for r in records]
     if not records:
         raise ValueError(f"edit data {spec!r} holds no (source, instruction, target) triplets")
     return records
@@ -739,7 +751,6 @@ BUCKET_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
 
 def read_records(spec: str) -> list[tuple[str, str]]:
     """A folder or a .jsonl manifest → [(image path, caption)]. One clear ValueError if unreadable."""
-    import json
     import os
 
     if os.path.isdir(spec):
@@ -755,16 +766,7 @@ def read_records(spec: str) -> list[tuple[str, str]]:
                 with open(txt, encoding="utf-8", errors="replace") as f:
                     records.append((os.path.join(spec, name), f.read().strip()))
     elif os.path.isfile(spec) and spec.endswith(".jsonl"):
-        root, records = os.path.dirname(os.path.abspath(spec)), []
-        with open(spec, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                    records.append((os.path.join(root, item["image"]), str(item["caption"])))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{spec}:{n}: expected a JSON object with 'image' and 'caption'") from None
+        records = [(r["image"], r["caption"]) for r in read_jsonl(spec, ("image", "caption"), path_keys=("image",))]
     else:
         raise ValueError(f"data {spec!r} is neither a folder of images + .txt captions nor a .jsonl manifest")
     if not records:
