@@ -96,6 +96,8 @@ def test_render_rejects_objects_off_the_canvas_and_unknown_names():
 
 # ------------------------------------------------------------------ captions
 
+# DESIGN §5's six templates, written out independently of data.caption_for_spec (test_eval
+# uses them too).
 BENCHMARK_PATTERNS = {
     "single_object": r"a (circle|square|triangle)",
     "two_object": r"a (circle|square|triangle) and a (circle|square|triangle)",
