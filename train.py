@@ -163,7 +163,7 @@ def _toy_edit() -> Preset:
     p = _toy()
     p.model.gen.ref = True
     # 1100 steps of 32: ~2.3-3 s/step on one busy CPU core, about an hour (the shipped checkpoint
-    # ran this and then two warm restarts to step 4100; README "Training the shipped checkpoint").
+    # ran this and then four warm restarts to step 9400; README "Training the shipped checkpoint").
     p.train = TrainConfig(steps=1100, batch_size=32, lr=5e-4, lr_min=5e-5, warmup=50, ema_decay=0.995,
                           log_every=25, sample_every=0, ckpt_every=200,
                           init_from=os.path.join("checkpoints", "toy", "ema.safetensors"))
