@@ -208,6 +208,43 @@ def check(spec: dict, objs: list[Obj], size: int) -> bool:
     return data.holds(spec, objs, size)
 
 
+def failure_mode(spec: dict, objs: list[Obj], size: int) -> str | None:
+    """Why an image fails its prompt (None if it passes), in the first bucket that fits.
+
+    The buckets separate drawing failures from composition failures: a 'junk' blob (smeared or
+    merged objects), too few objects, a named shape missing although enough objects were drawn
+    (typically both objects of a two-object prompt given one shape: a binding failure), and
+    right shapes in the wrong relation or colours. `eval.py` reports the counts per category.
+    """
+    if check(spec, objs, size):
+        return None
+    shapes = [o.shape for o in objs]
+    kind = spec["kind"]
+    if UNKNOWN in shapes:
+        return "junk"
+    if kind in ("two_object", "position", "color_attr"):
+        want = spec["shapes"] if "shapes" in spec else [s for _, s in spec["objects"]]
+        if len(objs) < 2:
+            return "too_few_objects"
+        if not all(s in shapes for s in want):
+            return "named_shape_missing"
+        return "wrong_colours" if kind == "color_attr" else "wrong_relation"
+    if kind == "counting":
+        return "too_many" if shapes.count(spec["shape"]) > spec["count"] else "too_few"
+    return "wrong_shape_or_colour"
+
+
+def failure_counts(records: list[dict], size: int) -> dict[str, dict[str, int]]:
+    """{category: {failure mode: images}} over graded records (with 'spec' and 'detected')."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        mode = failure_mode(r["spec"], r["detected"], size)
+        if mode is not None:
+            modes = out.setdefault(r["category"], {})
+            modes[mode] = modes.get(mode, 0) + 1
+    return out
+
+
 def grade(prompts: list[dict], images) -> list[dict]:
     """Detect and check each image against its prompt record; adds 'correct' and 'detected'."""
     if len(prompts) != len(images):
@@ -394,7 +431,8 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
                 atomic_save(Image.fromarray(img), os.path.join(save_dir, f"{graded['category']}-{i:03d}-{j}.png"))
         bar.update(len(chunk))
     bar.close()
-    return score(records), records
+    size = preset.model.image_size
+    return score(records) | {"failures": failure_counts(records, size)}, records
 
 
 def parse_args(argv=None):

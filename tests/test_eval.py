@@ -129,6 +129,30 @@ def test_check_rules():
     assert not evaluation.check({"kind": "single_object", "shape": "triangle"}, [a, b], S)
 
 
+def test_failure_modes_name_the_first_broken_claim():
+    circle_l = Obj("circle", "red", 8.0, 16.0, 8.0)
+    square_r = Obj("square", "blue", 24.0, 16.0, 8.0)
+    circle_r = Obj("circle", "blue", 24.0, 16.0, 8.0)
+    junk = Obj(evaluation.UNKNOWN, "red", 16.0, 4.0, 8.0)
+    left = {"kind": "position", "shapes": ["circle", "square"], "relation": "to the left of"}
+    mode = evaluation.failure_mode
+    assert mode(left, [circle_l, square_r], S) is None
+    assert mode(left, [circle_l, square_r, junk], S) == "junk"
+    assert mode(left, [circle_l], S) == "too_few_objects"
+    assert mode(left, [circle_l, circle_r], S) == "named_shape_missing"  # both drawn as circles
+    assert mode({**left, "relation": "to the right of"}, [circle_l, square_r], S) == "wrong_relation"
+    attr = {"kind": "color_attr", "objects": [["blue", "circle"], ["red", "square"]]}
+    assert mode(attr, [circle_l, square_r], S) == "wrong_colours"
+    two = {"kind": "counting", "shape": "circle", "count": 2}
+    assert mode(two, [circle_l], S) == "too_few"
+    assert mode(two, [circle_l, circle_r, Obj("circle", "green", 16.0, 28.0, 8.0)], S) == "too_many"
+    assert mode({"kind": "colors", "color": "green", "shape": "circle"}, [circle_l], S) == "wrong_shape_or_colour"
+    records = [{"category": "position", "spec": left, "detected": objs}
+               for objs in ([circle_l, square_r], [circle_l, circle_r], [circle_l, circle_r], [circle_l])]
+    assert evaluation.failure_counts(records, S) == {
+        "position": {"named_shape_missing": 2, "too_few_objects": 1}}
+
+
 def test_score_arithmetic():
     records = [
         {"category": "single_object", "held_out": False, "correct": True},
