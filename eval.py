@@ -10,7 +10,8 @@ compositional generalisation; edits (MoS-Edit, Sec. 3.4) are scored against thei
 
 How it connects: prompts and their ground-truth specs come from data.py (one set of
 templates, one truth function `data.holds`); images come from sample.py / edit.py; this file
-turns images into scores.
+turns images into scores, and says per category why the failed images failed
+(`failure_mode`), which a single accuracy hides.
 
 Glossary: S canvas side in pixels; a component is a set of 8-connected non-white pixels.
 """
