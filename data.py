@@ -432,10 +432,16 @@ def scene_for_spec(rng: np.random.Generator, spec: dict, size: int = 32,
     return place_objects(rng, items, size, accept)
 
 
+def reading_order(size: int):
+    """Sort key for objects in reading order: top third of the canvas first, then the middle,
+    then the bottom; left to right within a third."""
+    return lambda o: (min(int(3 * o.cy / size), 2), o.cx)
+
+
 def describe_scene(objs, size: int) -> dict:
     """A 'scene' spec listing every object with its colour, shape and place, in reading order
     (top row first, left to right), so the same scene always gets the same words."""
-    order = sorted(objs, key=lambda o: (min(int(3 * o.cy / size), 2), o.cx))
+    order = sorted(objs, key=reading_order(size))
     return {"kind": "scene", "objects": [[o.color, o.shape, place_of(o, size)] for o in order]}
 
 
@@ -497,7 +503,29 @@ def sample_example_spec(rng: np.random.Generator, size: int = 32) -> tuple[list[
     else:
         spec = sample_spec(rng, kind)
         objs = scene_for_spec(rng, spec, size)
+        if kind in READING_ORDER_KINDS:
+            spec = in_reading_order(spec, objs, size)
     return objs, caption_for_spec(spec), spec
+
+
+# DECISION: "and" captions name their two objects in reading order, as scene captions do.
+# "a circle and a square" is true whichever side the circle is on, so with a random mention
+# order the two objects of one caption are interchangeable and nothing tells a small model
+# which of them should take which shape: its most common failure was drawing both with one
+# shape (README, "Where the failures are"). A fixed order gives each object an identity (the
+# first named is the top/left one). Still true of every image, and benchmark prompts are
+# unchanged; position captions keep their order, since their relation word already says it.
+# Measured against a random-order control (README, "Captions in reading order"): colour
+# attribution 0.31 -> 0.47, overall 0.607 -> 0.644 after the same 2000-step fine-tune.
+READING_ORDER_KINDS: tuple[str, ...] = ("two_object", "color_attr")
+
+
+def in_reading_order(spec: dict, objs, size: int) -> dict:
+    """The same two-object spec, its objects renamed in the reading order of `objs` (which
+    scene_for_spec built in the spec's order: objs[i] is the spec's i-th object)."""
+    key = "shapes" if spec["kind"] == "two_object" else "objects"
+    order = sorted(range(len(objs)), key=lambda i: reading_order(size)(objs[i]))
+    return spec | {key: [spec[key][i] for i in order]}
 
 
 

@@ -142,6 +142,25 @@ def test_scene_captions_name_every_object_with_its_place():
                        "a blue square at the bottom right")
 
 
+def test_and_captions_name_their_objects_in_reading_order():
+    # "a circle and a square" is as true with the circle on the right, but a fixed mention
+    # order (top row first, then left to right, as in scene captions) tells the model which
+    # object is which: the symmetry breaker for the shape-binding failure (README).
+    rng = np.random.default_rng(4)
+    seen = set()
+    for _ in range(600):
+        objs, caption, spec = data.sample_example_spec(rng, S)
+        if spec["kind"] not in ("two_object", "color_attr"):
+            continue
+        seen.add(spec["kind"])
+        named = spec["shapes"] if spec["kind"] == "two_object" else [o[1] for o in spec["objects"]]
+        order = sorted(objs, key=data.reading_order(S))
+        assert [o.shape for o in order] == named, (caption, objs)
+        if spec["kind"] == "color_attr":
+            assert [[o.color, o.shape] for o in order] == spec["objects"], (caption, objs)
+    assert seen == {"two_object", "color_attr"}
+
+
 def test_position_relation_uses_the_margin():
     a = data.Obj("circle", "red", 10.0, 16.0, 8.0)
     assert data.relation_holds(a, "to the left of", data.Obj("square", "red", 13.3, 16.0, 8.0), S)
