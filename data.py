@@ -82,8 +82,8 @@ _COL_WORDS = ("left", "", "right")
 # more than half; the colourful variants (`three red squares`, `a red circle to the left of a
 # blue square`) and full-scene descriptions teach colour binding and places, which the
 # benchmark templates alone say little about. Sums to 1.
-# Two-object captions got 0.20 (from 0.08, taken from single objects, colours and scenes,
-# which the toy had solved) for its last 2000 steps: shape binding across two objects was its
+# Two-object captions got 0.20 (from 0.08, taken from single objects and colours, which the
+# toy had solved, and from scenes) for its last 2000 steps: shape binding across two objects was its
 # largest failure (README, "More two-object captions"). Steps 0-12000 used 0.08 / 0.08 /
 # 0.12 / 0.20 for single / two / colours / scene.
 CAPTION_MIX: dict[str, float] = {
