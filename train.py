@@ -119,7 +119,8 @@ class Preset:
 
 
 def _toy() -> Preset:
-    # The CPU recipe; see README "What mattered for the toy" for how it was tuned.
+    # The CPU recipe; see README "What mattered (measured)" for how it was tuned, and
+    # "Captions in reading order" / "More two-object captions" for the data half (data.py).
     return Preset(
         model=ModelConfig(
             tower="minilm", und_states=7, und_dim=384, codec="pixel", image_size=32,
@@ -127,7 +128,7 @@ def _toy() -> Preset:
             router=RouterConfig(dim=96, heads=4, k=2, eps=0.05),
         ),
         # Sampling defaults: CFG 3 only for t <= 0.8 (guidance at high noise erases objects
-        # whose colour the prompt leaves open; README "What mattered for the toy").
+        # whose colour the prompt leaves open; README "Guidance in a limited interval").
         train=TrainConfig(steps=4000, batch_size=64, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.998,
                           log_every=25, sample_every=500, ckpt_every=250, cfg=3.0, cfg_interval=(0.0, 0.8)),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
