@@ -284,3 +284,12 @@ def test_edit_batch_is_deterministic():
     b = data.edit_batch(seed=1, start=0, batch_size=4, size=S)
     assert a[1] == b[1] and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert a[0].shape == (4, 3, S, S) and not torch.equal(a[0], a[2])
+
+
+def test_caption_kind_follows_a_patched_caption_mix(monkeypatch):
+    # Experiments (README "More two-object captions") patch data.CAPTION_MIX alone; the draw
+    # must read the dict itself, not a table cached at import.
+    mix = {k: 0.0 for k in data.CAPTION_MIX} | {"counting": 1.0}
+    monkeypatch.setattr(data, "CAPTION_MIX", mix)
+    rng = np.random.default_rng(0)
+    assert {data.sample_example_spec(rng)[2]["kind"] for _ in range(40)} == {"counting"}
