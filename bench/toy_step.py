@@ -1,0 +1,107 @@
+"""Where a toy training step's time goes on a CPU, per batch size — and what torch.compile buys.
+
+Not a paper figure: this backs the README's "What 20 minutes buys". On the 2-core laptop CPU
+the toy trains on, a batch-64 step is bound by arithmetic, but below batch ~32 it is bound by
+per-operator overhead (Python, dispatch, a few hundred small kernels), so halving the batch no
+longer halves the step. That decides the 20-minute recipe: the batch buys steps only until the
+overhead dominates; after that the lever is the overhead itself (fused AdamW, torch.compile).
+
+It times exactly what `train.train` runs per step — `data.shapes_batch` (render the batch),
+`train.training_step` + backward (U from the per-caption memo, Algorithm 1's R + G forward),
+gradient clipping, AdamW (`train.make_optimizer`'s for-loop form, and PyTorch's fused form for
+comparison), the EMA update — on the `toy` preset, from random weights. Times are means over
+the steps after a warm-up; compare ratios within one run, not across machines.
+
+    python bench/toy_step.py                          # batch 8, 16, 32, 64 + compile at 8
+    python bench/toy_step.py --batch 8 --compile-batch 0 --steps 30
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import train  # noqa: E402
+from gen_tower import load_codec  # noqa: E402
+from und_tower import load_tower  # noqa: E402
+
+
+def fused_adamw(model, cfg):
+    # The same two parameter groups as train.make_optimizer, in PyTorch's fused kernel.
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+              for g in train.make_optimizer(model, cfg).param_groups]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+
+
+def time_steps(preset, batch, steps, warmup, tower, codec, compiled=False):
+    """→ dict of mean ms per step for each part, over `steps` steps after `warmup`."""
+    torch.manual_seed(0)
+    model = train.build_model(preset.model).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    fwd = torch.compile(model) if compiled else model  # the weights stay `model`'s
+    opt, fused = train.make_optimizer(model, preset.train), fused_adamw(model, preset.train)
+    batch_fn = train.make_data("shapesworld", preset.model, 0)
+    parts = dict.fromkeys(["data", "fwd+bwd", "clip", "adamw", "adamw fused", "ema"], 0.0)
+    first = 0.0
+    for step in range(warmup + steps):
+        t = [time.perf_counter()]
+        b = batch_fn(step, batch)
+        t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = train.training_step(fwd, b, tower, codec, preset, step)
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.train.grad_clip)
+        t.append(time.perf_counter())
+        # Both optimisers step the same weights in turn; only their times are used, and the
+        # weights stay finite at this lr, so the forward costs the same as in training.
+        opt.step()
+        t.append(time.perf_counter())
+        fused.step()
+        t.append(time.perf_counter())
+        train.ema_update(ema, model, preset.train.ema_decay)
+        t.append(time.perf_counter())
+        if step == 0:
+            first = t[2] - t[1]  # includes compilation when compiled
+        if step >= warmup:
+            for k, (a, z) in zip(parts, zip(t, t[1:])):
+                parts[k] += (z - a) / steps * 1000
+    parts["first fwd+bwd"] = first * 1000
+    return parts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--steps", type=int, default=40, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile happens here)")
+    p.add_argument("--compile-batch", type=int, default=8, help="also time torch.compile at this batch (0: skip)")
+    args = p.parse_args(argv)
+    preset = train.PRESETS["toy"]()
+    tower, codec = train.TowerMemo(load_tower(preset.model.tower)), load_codec(preset.model.codec)
+    print(f"`python bench/toy_step.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+          f"· torch {torch.__version__} · {torch.get_num_threads()} threads · toy preset, random weights\n")
+    print("| batch | data | fwd+bwd | clip | AdamW (for-loop) | AdamW fused | EMA | step (train.py's) | images/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for B in args.batch:
+        r = rows[B] = time_steps(preset, B, args.steps, args.warmup, tower, codec)
+        step = r["data"] + r["fwd+bwd"] + r["clip"] + r["adamw"] + r["ema"]
+        print(f"| {B} | {r['data']:.1f} | {r['fwd+bwd']:.1f} | {r['clip']:.1f} | {r['adamw']:.1f} | "
+              f"{r['adamw fused']:.1f} | {r['ema']:.1f} | {step:.1f} ms | {B / step * 1000:.0f} |", flush=True)
+    if args.compile_batch:
+        B = args.compile_batch
+        eager = rows.get(B) or time_steps(preset, B, args.steps, args.warmup, tower, codec)
+        comp = time_steps(preset, B, args.steps, args.warmup, tower, codec, compiled=True)
+        print(f"\ntorch.compile at batch {B}: forward + backward {eager['fwd+bwd']:.1f} → {comp['fwd+bwd']:.1f} ms "
+              f"({eager['fwd+bwd'] / comp['fwd+bwd']:.2f}× faster) after a first step of "
+              f"{comp['first fwd+bwd'] / 1000:.0f} s (compilation)")
+
+
+if __name__ == "__main__":
+    main()
