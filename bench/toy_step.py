@@ -7,8 +7,9 @@ dominate, halving the batch stops halving the step and the lever becomes those c
 AdamW, torch.compile). On the 2-core CPU the toy trains on, the cost per image is flat from
 batch 64 down to 16 and rises ~20% at batch 8.
 
-It times exactly what `train.train` runs per step — `data.shapes_batch` (render the batch),
-`train.training_step` + backward (U from the per-caption memo, Algorithm 1's R + G forward),
+It times the per-step work of `train.train` — `data.shapes_batch` (render the batch),
+`train.training_step` + backward (U through a per-caption memo, fresh for each setting so no
+setting inherits another's encoded captions; Algorithm 1's R + G forward),
 gradient clipping, AdamW (`train.make_optimizer`'s for-loop form, and PyTorch's fused form for
 comparison), the EMA update — on the `toy` preset, from random weights. Times are means over
 the steps after a warm-up; compare ratios within one run, not across machines.
@@ -39,9 +40,10 @@ def fused_adamw(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
-def time_steps(preset, batch, steps, warmup, tower, codec, compiled=False):
+def time_steps(preset, batch, steps, warmup, und, codec, compiled=False):
     """→ dict of mean ms per step for each part, over `steps` steps after `warmup`."""
     torch.manual_seed(0)
+    tower = train.TowerMemo(und)  # empty: every setting encodes its own captions, as a run does
     model = train.build_model(preset.model).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fwd = torch.compile(model) if compiled else model  # the weights stay `model`'s
@@ -84,21 +86,21 @@ def main(argv=None):
     p.add_argument("--compile-batch", type=int, default=8, help="also time torch.compile at this batch (0: skip)")
     args = p.parse_args(argv)
     preset = train.PRESETS["toy"]()
-    tower, codec = train.TowerMemo(load_tower(preset.model.tower)), load_codec(preset.model.codec)
+    und, codec = load_tower(preset.model.tower), load_codec(preset.model.codec)
     print(f"`python bench/toy_step.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
           f"· torch {torch.__version__} · {torch.get_num_threads()} threads · toy preset, random weights\n")
     print("| batch | data | fwd+bwd | clip | AdamW (for-loop) | AdamW fused | EMA | step (train.py's) | images/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for B in args.batch:
-        r = rows[B] = time_steps(preset, B, args.steps, args.warmup, tower, codec)
+        r = rows[B] = time_steps(preset, B, args.steps, args.warmup, und, codec)
         step = r["data"] + r["fwd+bwd"] + r["clip"] + r["adamw"] + r["ema"]
         print(f"| {B} | {r['data']:.1f} | {r['fwd+bwd']:.1f} | {r['clip']:.1f} | {r['adamw']:.1f} | "
               f"{r['adamw fused']:.1f} | {r['ema']:.1f} | {step:.1f} ms | {B / step * 1000:.0f} |", flush=True)
     if args.compile_batch:
         B = args.compile_batch
-        eager = rows.get(B) or time_steps(preset, B, args.steps, args.warmup, tower, codec)
-        comp = time_steps(preset, B, args.steps, args.warmup, tower, codec, compiled=True)
+        eager = rows.get(B) or time_steps(preset, B, args.steps, args.warmup, und, codec)
+        comp = time_steps(preset, B, args.steps, args.warmup, und, codec, compiled=True)
         print(f"\ntorch.compile at batch {B}: forward + backward {eager['fwd+bwd']:.1f} → {comp['fwd+bwd']:.1f} ms "
               f"({eager['fwd+bwd'] / comp['fwd+bwd']:.2f}× faster) after a first step of "
               f"{comp['first fwd+bwd'] / 1000:.0f} s (compilation)")
