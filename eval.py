@@ -402,8 +402,8 @@ def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2
 
 def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_prompt: int = 2, seed: int = 0,
              steps: int | None = None, cfg: float | None = None, cfg_interval: tuple[float, float] | None = None,
-             batch_size: int = 100, device="cpu", save_dir: str | None = None,
-             progress: bool = True) -> tuple[dict, list[dict]]:
+             shift: float = 1.0, schedule: str = "linear", batch_size: int = 100, device="cpu",
+             save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate `images_per_prompt` images for every benchmark prompt and score them.
 
     Image j of prompt i uses noise seed `seed + j·P + i` (P prompts): distinct for every
@@ -422,7 +422,7 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
         texts = [prompts[i]["prompt"] for i, _ in chunk]
         seeds = [seed + j * len(prompts) + i for i, j in chunk]
         imgs = generate(model, tower, codec, texts, preset, seeds=seeds, steps=steps, cfg=cfg,
-                        cfg_interval=cfg_interval, device=device)
+                        cfg_interval=cfg_interval, shift=shift, schedule=schedule, device=device)
         for (i, j), img in zip(chunk, imgs):
             graded = grade([prompts[i]], [img])[0]
             records.append(graded | {"repeat": j})
@@ -448,6 +448,9 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, help="guidance scale (default: the preset's)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only for t in [LO, HI] (default: the preset's)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling schedule (as sample.py)")
+    p.add_argument("--schedule", default="linear", choices=["linear", "linear_quadratic"],
+                   help="sampling schedule (as sample.py)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
     p.add_argument("--out", help="also write the JSON here")
@@ -473,9 +476,9 @@ def main(args) -> int:
     model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
     scores, _ = evaluate(model, tower, codec, preset, per_category=args.per_category,
                          images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-                         cfg=args.cfg, cfg_interval=args.cfg_interval, batch_size=args.batch_size, device=device,
-                         save_dir=args.save_images)
-    scores |= {"steps": args.steps or preset.train.sample_steps,
+                         cfg=args.cfg, cfg_interval=args.cfg_interval, shift=args.shift, schedule=args.schedule,
+                         batch_size=args.batch_size, device=device, save_dir=args.save_images)
+    scores |= {"steps": args.steps or preset.train.sample_steps, "shift": args.shift, "schedule": args.schedule,
                "cfg": preset.train.cfg if args.cfg is None else args.cfg,
                "cfg_interval": list(preset.train.cfg_interval if args.cfg_interval is None else args.cfg_interval),
                "images_per_prompt": args.images_per_prompt, "per_category": args.per_category}

@@ -151,3 +151,23 @@ def test_tower_memo_stays_within_its_byte_budget(loaded):
     ref, ref_mask = memo(["a green square", "two circles"])
     assert small.memo == {} and small.nbytes == 0
     assert torch.equal(mask, ref_mask) and torch.allclose(states, ref, atol=1e-5)
+
+
+def test_eval_samples_with_the_schedule_it_is_given(loaded, tmp_path):
+    """eval.py --shift/--schedule reach the sampler: the benchmark images equal sample.py's
+    generate with the same schedule and seeds, and differ from the unshifted ones."""
+    import eval as ev
+    from sample import generate
+
+    model, memo, codec, preset = loaded
+    ev.evaluate(model, memo, codec, preset, per_category=1, images_per_prompt=1, steps=3, shift=3.0,
+                schedule="linear_quadratic", save_dir=str(tmp_path), progress=False)
+    prompts = ev.benchmark_prompts(seed=0, per_category=1)
+    texts = [p["prompt"] for p in prompts]
+    kw = dict(seeds=list(range(len(texts))), steps=3, schedule="linear_quadratic")
+    shifted = generate(model, memo, codec, texts, preset, shift=3.0, **kw)
+    plain = generate(model, memo, codec, texts, preset, shift=1.0, **kw)
+    saved = np.stack([np.asarray(Image.open(tmp_path / f"{p['category']}-{i:03d}-0.png"))
+                      for i, p in enumerate(prompts)])
+    assert np.array_equal(saved, shifted)
+    assert not np.array_equal(saved, plain)
