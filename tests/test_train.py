@@ -1,5 +1,6 @@
 """train.py: preset sizes on meta, a tiny MoS overfits, exact resume, non-finite stop, checkpoints."""
 
+import copy
 import json
 import os
 
@@ -156,3 +157,59 @@ def test_set_overrides_change_typed_fields_and_reject_typos():
         apply_overrides(get_preset("toy"), ["model.gen.depth=eight"])
     with pytest.raises(ValueError, match="router mode"):
         apply_overrides(get_preset("toy"), ["model.router.mode=xattn"])
+
+
+def test_fused_adamw_resumes_a_for_loop_checkpoint_as_fused_with_the_same_update():
+    """Checkpoints written before train.py used the fused AdamW (and by FSDP2) hold the for-loop
+    kind's state; loading must keep the optimiser fused (load_state_dict alone would not) and
+    the next update must equal the for-loop one."""
+    torch.manual_seed(0)
+    cfg = get_preset("toy").train
+    model = build_model(tiny_preset().model)
+    x = [p for p in model.parameters()]
+
+    def step(opt):
+        opt.zero_grad()
+        sum((p.float() ** 2).sum() * (i + 1) for i, p in enumerate(x)).backward()
+        opt.step()
+
+    loop = train.make_optimizer(model, cfg)
+    step(loop)
+    saved = copy.deepcopy(loop.state_dict())  # state_dict() and load_state_dict() share the moments
+    before = [p.detach().clone() for p in x]
+    fused = train.make_optimizer(model, cfg, fused=True)
+    train.keep_optimizer_kind(fused, lambda: fused.load_state_dict(copy.deepcopy(saved)))
+    assert all(g["fused"] for g in fused.param_groups)
+    step(fused)
+    after_fused = [p.detach().clone() for p in x]
+    with torch.no_grad():
+        for p, b in zip(x, before):
+            p.copy_(b)
+    loop.load_state_dict(saved)
+    step(loop)
+    for a, b in zip(after_fused, x):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, minilm, monkeypatch):
+    """train.compile wraps only the training forward: the losses are eager's (aot_eager runs
+    the same ATen ops, no C compiler needed) and the checkpoint keys are the plain module's."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    eager = train.train(tiny_preset(steps=2), str(tmp_path / "eager"), quiet=True)
+    p = tiny_preset(steps=2)
+    p.train.compile = "aot_eager"
+    compiled = train.train(p, str(tmp_path / "compiled"), quiet=True)
+    for (s1, a), (s2, b) in zip(eager, compiled):
+        assert s1 == s2 and abs(a - b) <= 1e-5 * abs(a), (s1, a, b)
+    keys = set(load_file(str(tmp_path / "compiled" / "step-000002" / "model.safetensors")))
+    assert keys == set(load_file(str(tmp_path / "eager" / "step-000002" / "model.safetensors")))
+
+
+def test_unknown_compile_backend_is_a_clear_error(tmp_path, minilm, monkeypatch):
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    p = tiny_preset(steps=1)
+    p.train.compile = "turbo"
+    with pytest.raises(ValueError, match="unknown train.compile backend 'turbo'; choose one of"):
+        train.train(p, str(tmp_path / "run"), quiet=True)
