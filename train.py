@@ -6,6 +6,7 @@ DESIGN §3.10 (training), §4 (presets), §6 (CLI).
     python train.py --preset toy                       # ShapesWorld on a laptop CPU
     python train.py --preset toy --steps 200 --out runs/try
     python train.py --resume runs/try                  # continue from the latest checkpoint
+    python train.py --preset toy --set train.batch_size=8 train.compile=inductor   # compiled step (CPU: small batches)
     python train.py --preset mos_s --dry-run           # sizes on the meta device, no weights
     python train.py --preset mos_s --dry-run --world-size 8   # + per-GPU memory on 8 GPUs
     torchrun --nproc_per_node 8 train.py --preset mos_s     # FSDP2 over 8 GPUs ("Scale-out")
