@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import RMSNorm, SwiGLU
-from router import MoSRouter, RouterConfig, fixed_routing, mix_states
+from router import MoSRouter, RouterConfig, fixed_routing, mix_states, uniforms
 
 
 #################################################################################
@@ -305,6 +305,17 @@ class MoS(nn.Module):
         logits = self.router(t, tokens, states[:, :, 0], mask)  # (B, L, n, m); c = S_0
         idx, w = self.router.select(logits, eps, generator)  # (B, L, n, k) each
         return idx, w, logits
+
+    def routing_draws(self, B: int, L: int, eps: float, generator):
+        """The U(0, 1) draws `routing` would make for top-k_ε, made now: (B, L|1, n, m+1), or None
+        when it draws nothing (ε = 0, or a static baseline). Passed back as `generator=`, they give
+        the same choices as drawing inside (same generators, same order). train.py does this so a
+        compiled forward holds no per-sample generator loop, which torch.compile cannot trace."""
+        mode = self.cfg.router.mode
+        if eps <= 0 or mode in ("last", "hand"):
+            return None
+        rows = 1 if mode == "sample" else L  # a sample-wise router draws once per sample
+        return uniforms((B, rows, self.cfg.gen.depth, self.cfg.und_states + 1), "cpu", generator)
 
     def project_states(self, states: torch.Tensor) -> torch.Tensor:
         """W·S_i for all m states, WITHOUT the bias: (B, L, m, D_u) → (B, L, m, D_g).

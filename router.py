@@ -86,7 +86,7 @@ def route(logits: torch.Tensor, k: int, eps: float = 0.0, generator: torch.Gener
     Either way the weights are the softmax values at the chosen indices, NOT renormalised
     (Eq. 4 uses w̄_ij as is), so gradient reaches the router through them — and only through
     them: top-k and the random draw are not differentiable. `generator`: one torch.Generator,
-    or one per sample (train.py's per-sample randomness, see `uniforms`).
+    one per sample (train.py's per-sample randomness), or the draws already made (see `uniforms`).
     """
     m = logits.shape[-1]
     if not 1 <= k <= m:
@@ -112,7 +112,15 @@ def uniforms(shape, device, generator=None) -> torch.Tensor:
     it into micro-batches) and still train on exactly the same draws. Each row is drawn on
     its generator's device; CPU draws are sequential, so a longer (more padded) context only
     appends draws after the real tokens' (shape[1] is L) and never changes theirs.
+
+    Or `generator` is the draws themselves, a tensor of `shape` made by this function
+    beforehand (`MoS.routing_draws`): train.py draws them outside a compiled forward, because
+    torch.compile cannot trace a draw from a list of generators and would split the graph there.
     """
+    if isinstance(generator, torch.Tensor):
+        if tuple(generator.shape) != tuple(shape):
+            raise ValueError(f"precomputed routing draws have shape {tuple(generator.shape)}, expected {tuple(shape)}")
+        return generator.to(device)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} per-sample generators for a batch of {shape[0]}")

@@ -833,7 +833,15 @@ def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, devi
     z1 = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(device, z0.dtype)  # (B, C, h, w)
     z_t, z1 = add_noise(z0, t, z1=z1)  # (B, C, h, w)
     extra = {} if refs is None else {"ref": codec.encode(refs.to(device))}  # clean, never noised
-    v = model(z_t, t, states.to(device), mask.to(device), eps=mcfg.router.eps, generator=gens, **extra)
+    states, mask = states.to(device), mask.to(device)
+    # The ε-greedy draws, made here (after z1, as the model would) and handed in: a compiled
+    # forward (train.compile) then has no per-sample generator loop to break its graph at.
+    draws = model.routing_draws(len(gens), mask.shape[1], mcfg.router.eps, gens)  # (B, L|1, n, m+1) or None
+    # The caption length L changes batch to batch: tell torch.compile so from the first step, or
+    # it compiles for the first L and again (as long) when L first changes. A no-op in eager mode.
+    for x in (states, mask) + (() if draws is None or draws.shape[1] == 1 else (draws,)):
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+    v = model(z_t, t, states, mask, eps=mcfg.router.eps, generator=gens if draws is None else draws, **extra)
     # v covers the target tokens only, so the reference tokens get no loss.
     per_sample = flow_loss(v, velocity_target(z0, z1), reduction="none")  # (B,)
     return per_sample.mean(), per_sample.detach(), t
@@ -953,10 +961,10 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
         if tcfg.compile not in dynamo.list_backends(exclude_tags=()):
             raise ValueError(f"unknown train.compile backend {tcfg.compile!r}; choose one of "
                              f"{', '.join(dynamo.list_backends())} (or '' for eager)")
-        # The caption length L changes from batch to batch: after the first change Dynamo
-        # recompiles once with L symbolic, then reuses that graph. The first steps are slow.
+        # One graph, compiled once: training_step hands in the ε-greedy draws and marks the
+        # caption length L dynamic (it changes batch to batch). The first step is slow.
         fwd = torch.compile(model, backend=tcfg.compile)
-        log(f"torch.compile (backend {tcfg.compile}): the first steps include compilation", quiet)
+        log(f"torch.compile (backend {tcfg.compile}): the first step includes compilation", quiet)
     torch.manual_seed(tcfg.seed + dist.rank)  # per-rank seed for anything not drawn per sample
     start = 0
     if resume:

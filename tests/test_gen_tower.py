@@ -92,6 +92,32 @@ def test_padding_does_not_change_the_prediction():
 
 
 @pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand"])
+def test_routing_draws_made_beforehand_give_the_same_choices(mode):
+    """MoS.routing_draws (what train.py hands a compiled forward) draws exactly what routing would
+    draw inside from the same per-sample generators: same routes, same prediction."""
+    from train import sample_generators
+
+    model = trained_ish(tiny_cfg(mode=mode, m=5, und_dim=20, depth=4))
+    x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
+    S, mask = torch.randn(3, 6, 5, 20), torch.ones(3, 6, dtype=torch.bool)
+    eps = 0.5  # explore often, so a mismatch in the draws would show in the indices
+    inside = model(x, t, S, mask, eps=eps, generator=sample_generators(0, 7, range(3)), return_routing=True)
+    draws = model.routing_draws(3, 6, eps, sample_generators(0, 7, range(3)))
+    before = model(x, t, S, mask, eps=eps, generator=draws, return_routing=True)
+    assert torch.equal(inside[0], before[0]) and torch.equal(inside[1]["idx"], before[1]["idx"])
+    if mode in ("last", "hand"):
+        assert draws is None  # static routing draws nothing
+    else:
+        assert draws.shape == (3, 1 if mode == "sample" else 6, 4, 6)  # (B, L|1, n, m+1)
+        assert model.routing_draws(3, 6, 0.0, None) is None  # ε = 0: top-k only
+        other = model(x, t, S, mask, eps=eps, generator=sample_generators(1, 7, range(3)), return_routing=True)
+        assert not torch.equal(other[1]["idx"], before[1]["idx"])  # the draws do matter here
+        with pytest.raises(ValueError, match="precomputed routing draws have shape"):
+            model(x, t, S[:, :5], mask[:, :5], eps=eps, generator=draws) if mode == "mos" else \
+                model(x[:2], t[:2], S[:2], mask[:2], eps=eps, generator=draws)
+
+
+@pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand"])
 def test_every_routing_mode_trains(mode):
     model = trained_ish(tiny_cfg(mode=mode, m=5, und_dim=20, depth=4))  # asymmetric: m=5, n=4
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)

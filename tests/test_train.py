@@ -193,18 +193,25 @@ def test_fused_adamw_resumes_a_for_loop_checkpoint_as_fused_with_the_same_update
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, minilm, monkeypatch):
     """train.compile wraps only the training forward: the losses are eager's (aot_eager runs
-    the same ATen ops, no C compiler needed) and the checkpoint keys are the plain module's."""
+    the same ATen ops, no C compiler needed) and the checkpoint keys are the plain module's.
+    And it is ONE graph, compiled once: the ε-greedy draws come in from outside (a per-sample
+    generator loop inside would break the graph) and the caption length, which changes between
+    these steps, is symbolic from the start (else a recompile when it first changes)."""
     from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
 
     monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
-    eager = train.train(tiny_preset(steps=2), str(tmp_path / "eager"), quiet=True)
-    p = tiny_preset(steps=2)
+    eager = train.train(tiny_preset(steps=3), str(tmp_path / "eager"), quiet=True)
+    p = tiny_preset(steps=3)
     p.train.compile = "aot_eager"
+    counters.clear()
     compiled = train.train(p, str(tmp_path / "compiled"), quiet=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1, dict(counters["stats"])
     for (s1, a), (s2, b) in zip(eager, compiled):
         assert s1 == s2 and abs(a - b) <= 1e-5 * abs(a), (s1, a, b)
-    keys = set(load_file(str(tmp_path / "compiled" / "step-000002" / "model.safetensors")))
-    assert keys == set(load_file(str(tmp_path / "eager" / "step-000002" / "model.safetensors")))
+    keys = set(load_file(str(tmp_path / "compiled" / "step-000003" / "model.safetensors")))
+    assert keys == set(load_file(str(tmp_path / "eager" / "step-000003" / "model.safetensors")))
 
 
 def test_unknown_compile_backend_is_a_clear_error(tmp_path, minilm, monkeypatch):
