@@ -1005,9 +1005,11 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
     t0 = time.time()
     for step in bar:
         fail_at = os.environ.get("MOS_TEST_FAIL_AT_STEP")  # test hook: the last rank dies once, here
-        if fail_at and step == int(fail_at) and dist.rank == dist.world - 1 \
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            os._exit(17)  # like a lost GPU: no cleanup; torchrun --max-restarts restarts every worker
+        if fail_at and step == int(fail_at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            if dist.enabled:  # rank 0 has logged every step before this one (else a slow rank 0 can be
+                torch.distributed.barrier()  # killed mid-write, and the test sees a step missing)
+            if dist.rank == dist.world - 1:
+                os._exit(17)  # like a lost GPU: no cleanup; torchrun --max-restarts restarts every worker
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
         first = dist.rank * per_rank  # this rank's rows of the global batch
