@@ -47,7 +47,7 @@ def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
     """z_1, one image per seed, each drawn on its own generator: a picture depends only on its
     prompt and its seed, never on the batch it was generated in. (Line i of a prompt file with
     --seed S is the same image as that prompt alone with --seed S+i — up to float rounding: the
-    CPU's matrix kernels may round a batch of 3 differently from a batch of 1, a pixel one
+    CPU's matrix kernels may round a batch differently from one image alone, a pixel one
     level off now and then.)"""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
