@@ -766,8 +766,46 @@ def print_memory_report(preset: Preset, world_size: int):
 #################################################################################
 
 
+def grow_depth(state: dict, n_old: int, n_new: int, m: int) -> dict:
+    """A state dict of n_old generation blocks → one of n_new that computes the same function.
+
+    Function-preserving depth growth (cf. Net2Net, Chen et al. 2016; stacking, Gong et al.
+    2019): the a = n_new - n_old new blocks are copies of evenly spaced old blocks, each
+    inserted right after its source, with its two output projections (attention `out` and
+    FFN `w_down`) zeroed. Every block is residual, x + out(attn) + w_down(ffn), so a copy
+    with those zeroed is the identity and the grown model's output equals the old one's;
+    the gradients reach the zeroed projections at once (their inputs are the copy's
+    well-trained features), so training moves on from the old model's score rather than
+    from scratch. Each new block's routing rows (the router head's n×m logit matrix,
+    Fig. 5b) start as its source block's. At most doubling (a ≤ n_old) per call.
+    """
+    a = n_new - n_old
+    if not 0 < a <= n_old:
+        raise ValueError(f"can grow a {n_old}-block tower to {n_old + 1}..{2 * n_old} blocks, not {n_new}")
+    copied = {round((i + 1) * n_old / a) - 1 for i in range(a)}  # old blocks that get a copy
+    source = []  # source[j_new] = (old block, is_copy)
+    for j in range(n_old):
+        source.append((j, False))
+        if j in copied:
+            source.append((j, True))
+    out = {k: v for k, v in state.items() if not k.startswith("gen.blocks.") and not k.startswith("router.head.")}
+    for j_new, (j, is_copy) in enumerate(source):
+        for k, v in state.items():
+            prefix = f"gen.blocks.{j}."
+            if k.startswith(prefix):
+                zero = is_copy and k.endswith(("out.weight", "ffn.w_down.weight"))
+                out[f"gen.blocks.{j_new}." + k[len(prefix):]] = torch.zeros_like(v) if zero else v.clone()
+    rows = torch.tensor([j for j, _ in source])  # (n_new,) the source block of each new block
+    if "router.head.weight" in state:  # (n·m, D_r) → (n_new·m, D_r): logits view as (n, m)
+        w, b = state["router.head.weight"], state["router.head.bias"]
+        out["router.head.weight"] = w.view(n_old, m, -1)[rows].reshape(n_new * m, -1).clone()
+        out["router.head.bias"] = b.view(n_old, m)[rows].reshape(-1).clone()
+    return out
+
+
 def init_weights(model: MoS, path: str) -> str:
-    """Load a (text-to-image) checkpoint's weights into a fresh model: MoS-Image → MoS-Edit.
+    """Load a (text-to-image) checkpoint's weights into a fresh model: MoS-Image → MoS-Edit,
+    or a shallower tower into a deeper one (`grow_depth`).
 
     `path` is a checkpoint/run dir (its EMA weights) or a .safetensors file; a relative path
     that does not exist from the working directory is tried from this repository. Every key of
@@ -786,7 +824,11 @@ def init_weights(model: MoS, path: str) -> str:
     if not os.path.isfile(path):
         raise ValueError(f"train.init_from {path!r} does not exist (train the toy first, or --set train.init_from=)")
     try:
-        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        state = load_file(path)
+        n_old = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("gen.blocks.")), default=-1)
+        if 0 < n_old < model.cfg.gen.depth:  # a shallower checkpoint: grow it (see grow_depth)
+            state = grow_depth(state, n_old, model.cfg.gen.depth, model.cfg.und_states)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:  # size mismatches (another architecture), corrupt files
         raise ValueError(f"cannot initialise from {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     new_ok = {"gen.ref_type_embed"}

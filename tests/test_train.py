@@ -223,3 +223,40 @@ def test_unknown_compile_backend_is_a_clear_error(tmp_path, minilm, monkeypatch)
     p.train.compile = "turbo"
     with pytest.raises(ValueError, match="unknown train.compile backend 'turbo'; choose one of"):
         train.train(p, str(tmp_path / "run"), quiet=True)
+
+
+def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_output(tmp_path):
+    """grow_depth: a 3-block checkpoint loaded into a 5-block model computes the same v̂ (the
+    inserted copies are identities: output projections zeroed), the copies start from their
+    source blocks' weights and routing rows, and their zeroed projections get gradient."""
+    torch.manual_seed(0)
+    small, big = tiny_preset(), tiny_preset()
+    small.model.gen.depth, big.model.gen.depth = 3, 5
+    model = build_model(small.model)
+    with torch.no_grad():  # random everything, the zero-initialised head too
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    ckpt = save_checkpoint(str(tmp_path), 1, model, model, small, state=None)
+    grown = build_model(big.model)
+    train.init_weights(grown, ckpt)
+    B, L, m, Du = 2, 5, small.model.und_states, small.model.und_dim
+    x_t, t = torch.randn(B, 3, 32, 32), torch.tensor([0.3, 0.9])
+    states, mask = torch.randn(B, L, m, Du), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(x_t, t, states, mask)
+    out = grown(x_t, t, states, mask)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
+    # 3 → 5: blocks 1 and 2 are copied, so the new order is old 0, 1, 1', 2, 2'
+    g, o = grown.gen.blocks, model.gen.blocks
+    for j_new, j_old, copy_ in [(0, 0, False), (1, 1, False), (2, 1, True), (3, 2, False), (4, 2, True)]:
+        assert torch.equal(g[j_new].qkv.weight, o[j_old].qkv.weight)
+        assert torch.equal(g[j_new].out.weight == 0, torch.full_like(g[j_new].out.weight, copy_, dtype=torch.bool))
+        assert (g[j_new].ffn.w_down.weight == 0).all() == copy_
+        logits_rows = grown.router.head.weight.view(5, m, -1)[j_new]
+        assert torch.equal(logits_rows, model.router.head.weight.view(3, m, -1)[j_old])
+    out.square().mean().backward()
+    assert g[2].out.weight.grad.abs().sum() > 0 and g[4].ffn.w_down.weight.grad.abs().sum() > 0
+    too_deep = tiny_preset()
+    too_deep.model.gen.depth = 7
+    with pytest.raises(ValueError, match="can grow a 3-block tower to 4..6 blocks, not 7"):
+        train.init_weights(build_model(too_deep.model), ckpt)
