@@ -225,6 +225,46 @@ def test_unknown_compile_backend_is_a_clear_error(tmp_path, minilm, monkeypatch)
         train.train(p, str(tmp_path / "run"), quiet=True)
 
 
+def test_bf16_weights_load_into_the_fp32_model_and_grow(tmp_path):
+    """A checkpoint may ship its EMA weights cast to bf16 (half the bytes, under the 20 MB
+    limit for a deeper toy): sampling loads them into the fp32 model as the rounded values,
+    and --init-from (here growing 3 → 4 blocks) reads them too."""
+    from safetensors.torch import load_file, save_file
+
+    p = tiny_preset()
+    p.model.gen.depth = 3
+    model = build_model(p.model)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.normal_(0, 0.2)
+    ckpt = save_checkpoint(str(tmp_path), 1, model, model, p, state=None)
+    f = os.path.join(ckpt, "ema.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+    loaded, _, _ = load_checkpoint(ckpt)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == a.dtype, name
+        assert torch.equal(b, a.to(torch.bfloat16).float()), name
+    assert not torch.equal(loaded.gen.blocks[0].qkv.weight, model.gen.blocks[0].qkv.weight)  # really rounded
+    deeper = tiny_preset()
+    deeper.model.gen.depth = 4
+    grown = build_model(deeper.model)
+    train.init_weights(grown, ckpt)
+    assert grown.gen.blocks[0].qkv.weight.dtype == torch.float32
+    assert torch.equal(grown.gen.blocks[0].qkv.weight, loaded.gen.blocks[0].qkv.weight)
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_edit"])
+def test_shipped_checkpoints_fit_the_repository_and_load(name):
+    """The issue's limit: a shipped checkpoint is at most 20 MB, and it loads as it is."""
+    ckpt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", name)
+    if not os.path.exists(ckpt):
+        pytest.skip(f"no shipped {name} checkpoint")
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt) for f in fs)
+    assert size <= 20e6, f"checkpoints/{name} is {size / 1e6:.1f} MB"
+    model, preset, _ = load_checkpoint(ckpt)
+    assert all(q.dtype == torch.float32 and torch.isfinite(q).all() for q in model.parameters())
+
+
 def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_output(tmp_path):
     """grow_depth: a 3-block checkpoint loaded into a 5-block model computes the same v̂ (the
     inserted copies are identities: output projections zeroed), the copies start from their
