@@ -169,10 +169,10 @@ def _toy_edit() -> Preset:
     # (it is a text-to-image grid); edit.py / eval.py --edit show and score the edits.
     p = _toy()
     p.model.gen.ref = True
-    # The shipped toy grew from 6 to 9 to 12 blocks (README "Growing the tower"), so the edit model
-    # that starts from it has 12 too; the shipped toy_edit checkpoint predates that (6 blocks,
+    # The shipped toy grew from 6 to 9 to 12 to 18 blocks (README "Growing the tower"), so the edit
+    # model that starts from it has 18 too; the shipped toy_edit checkpoint predates that (6 blocks,
     # its own config.json says so).
-    p.model.gen.depth = 12
+    p.model.gen.depth = 18
     # 1100 steps of 32: ~2.3-3 s/step on one busy CPU core, about an hour (the shipped checkpoint
     # ran this and then four warm restarts to step 9400; README "Training the shipped checkpoint").
     p.train = TrainConfig(steps=1100, batch_size=32, lr=5e-4, lr_min=5e-5, warmup=50, ema_decay=0.995,

@@ -187,7 +187,7 @@ def test_toy_edit_preset():
         pytest.skip("no shipped toy checkpoint")
     with open(shipped) as f:
         toy.model = train.Preset.from_dict(json.load(f)).model
-    # the same model as the shipped toy (grown to 12 blocks), plus reference tokens, and it
+    # the same model as the shipped toy (grown to 18 blocks), plus reference tokens, and it
     # loads the shipped weights (only the reference type embedding starts fresh)
     edit = train.build_model(p.model)
     train.init_weights(edit, os.path.join(ROOT, p.train.init_from))
