@@ -77,6 +77,42 @@ POSITION_TRAIN_MARGIN = 0.15
 _ROW_WORDS = ("top", "", "bottom")
 _COL_WORDS = ("left", "", "right")
 
+
+@dataclass(frozen=True)
+class World:
+    """What a synthetic world's captions can name, group by group ("shapes": (...), ...). A
+    checkpoint records the world it was trained on (train.TrainConfig.world, a key of WORLDS),
+    so sample.py can tell a user whose prompt names nothing the model has ever seen what it
+    can draw. A new world adds its own entry to WORLDS."""
+
+    name: str
+    vocabulary: dict[str, tuple[str, ...]]
+
+    # Function words of the phrases ("to the left of"): they say nothing the model can draw.
+    _FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "to", "and", "in", "on", "at"})
+
+    def words(self) -> frozenset[str]:
+        """The content words of every phrase: 'circle', 'red', 'two', 'left', 'above', …"""
+        return frozenset(w for group in self.vocabulary.values() for phrase in group for w in phrase.split()
+                         if w not in self._FUNCTION_WORDS)
+
+    def knows(self, prompt: str) -> bool:
+        """Does the prompt use at least one word of this world (a plural 's' allowed: 'squares')?"""
+        known = self.words()
+        tokens = "".join(ch if ch.isalnum() else " " for ch in prompt.lower()).split()
+        return any(t in known or (t.endswith("s") and t[:-1] in known) for t in tokens)
+
+    def describe(self) -> str:
+        """'shapes (circle, square, triangle), colours (red, …) and relations (above, …)'."""
+        parts = [f"{group} ({', '.join(words)})" for group, words in self.vocabulary.items()]
+        return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+WORLDS: dict[str, World] = {
+    "shapesworld": World("ShapesWorld", {"shapes": SHAPES, "colours": COLORS,
+                                         "counts": tuple(COUNT_WORDS.values()), "relations": RELATIONS}),
+}
+
 # ---------------------------------------------------------------- caption mixture
 # What fraction of training captions is of each kind. The six benchmark templates get two
 # thirds; the colourful variants (`three red squares`, `a red circle to the left of a

@@ -49,6 +49,8 @@ def open_image(path: str):
     (Called for every input BEFORE the checkpoint loads, so a typo fails fast.)"""
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise ValueError(f"image {path!r} is a directory, not an image file")
     if not os.path.isfile(path):
         raise ValueError(f"image {path!r} does not exist")
     try:
@@ -84,6 +86,9 @@ def read_edits(path: str) -> list[tuple[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"edit file {path!r} is not UTF-8 text (it holds the byte {e.object[e.start]:#04x}); "
+                         "save it as UTF-8") from None
     except OSError as e:
         raise ValueError(f"cannot read edit file {path!r}: {e.strerror}") from None
     root, edits = os.path.dirname(os.path.abspath(path)), []
@@ -159,6 +164,7 @@ def parse_args(argv=None):
 def main(args) -> int:
     from PIL import Image
 
+    from gen_tower import check_count
     from sample import atomic_save
 
     if args.edits:
@@ -169,10 +175,8 @@ def main(args) -> int:
         if args.image is None or args.instruction is None:
             raise ValueError('give an image and an instruction (edit.py IMAGE "INSTRUCTION"), or --edits FILE.jsonl')
         edits = [(args.image, check_instruction(args.instruction))]
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_count("--steps", args.steps)
+    check_count("--batch-size", args.batch_size)
     images = [open_image(path) for path, _ in edits]  # every input checked before the model loads
     model, tower, codec, preset = load_edit_model(args.ckpt, args.device)
     size = preset.model.image_size

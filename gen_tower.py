@@ -459,8 +459,19 @@ def codec_shape(name: str) -> tuple[int, int]:
 def check_size(image_size: int, codec: str, patch_size: int) -> None:
     """One readable error for a resolution the codec × patch grid cannot tile."""
     factor = codec_shape(codec)[1] * patch_size
-    if image_size <= 0 or image_size % factor:
+    if image_size <= 0:
+        raise ValueError(f"image size {image_size} must be positive: a multiple of {factor} pixels "
+                         f"(codec '{codec}' downsamples ×{codec_shape(codec)[1]}, patch size {patch_size})")
+    if image_size % factor:
         raise ValueError(
             f"image size {image_size} cannot be tiled: it must be a multiple of {factor} "
             f"(codec '{codec}' downsamples ×{codec_shape(codec)[1]}, patch size {patch_size})"
         )
+
+
+def check_count(name: str, value: int | None, minimum: int = 1) -> None:
+    """One readable error for a count a CLI takes (--steps, --batch-size, train.steps, …) that is
+    below `minimum`; None (the flag not given) passes. Shared by the CLIs, which import this file."""
+    if value is not None and value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value}")

@@ -54,6 +54,25 @@ import torch.nn.functional as F
 triton = tl = None  # imported on the first kernel launch, see _jit()
 
 
+def __getattr__(name: str):
+    """Fail a foreign `from kernels import X` with one line that names the fix.
+
+    Hugging Face publishes a package that is also called `kernels`; when it is installed,
+    transformers imports names such as `CUDAProperties` from it while loading any model class.
+    Run from the repository root, Python finds this file under that name first. Any name this
+    module does not define therefore means that clash, and a `from ... import` turns the
+    ImportError raised here into exactly this message (module __getattr__, PEP 562).
+    """
+    if name.startswith("__"):  # dunder probes (copy, pickle, doctest) expect AttributeError
+        raise AttributeError(name)
+    raise ImportError(
+        f"kernels.py (this repository) has no {name!r}: the installed transformers asked for the Hugging Face "
+        "package 'kernels', which this file shadows; install the tested versions with "
+        "`pip install -r requirements.txt -c constraints.txt`",
+        name=name,
+    )
+
+
 #################################################################################
 #                     Backend selection and lazy Triton loading                 #
 #################################################################################

@@ -312,13 +312,35 @@ def apply_self_cot(tower, prompts: list[str], max_new_tokens: int = 128) -> list
 
 def read_prompts(path: str) -> list[str]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text (it holds the byte {e.object[e.start]:#04x}); "
+                         "save it as UTF-8") from None
     except OSError as e:
         raise ValueError(f"cannot read prompt file {path!r}: {e.strerror}") from None
     if not prompts:
         raise ValueError(f"prompt file {path!r} is empty")
     return prompts
+
+
+def note_unknown_prompts(prompts: list[str], world: str) -> str | None:
+    """One line for prompts that use no word of the world the checkpoint was trained on (its
+    train.world, a key of data.WORLDS): the model has never seen what they ask for, so say what
+    it can draw. None when every prompt names something (or the world is not a synthetic one)."""
+    import data
+
+    if world not in data.WORLDS:
+        return None
+    w = data.WORLDS[world]
+    unknown = [p for p in prompts if p.strip() and not w.knows(p)]  # "" is the unconditional prompt
+    if not unknown:
+        return None
+    if len(prompts) == 1:
+        which = f"{unknown[0]!r} names"
+    else:
+        which = f"{len(unknown)} of {len(prompts)} prompts (e.g. {unknown[0]!r}) name"
+    return f"note: {which} nothing this checkpoint was trained to draw; {w.name} knows {w.describe()}"
 
 
 def add_sampler_args(p: argparse.ArgumentParser, guidance_help: str = "classifier-free guidance scale"):
@@ -356,18 +378,25 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    from gen_tower import check_size
+    from gen_tower import check_count, check_size
+    from train import read_preset
 
     if args.prompt is None and args.prompts is None:
         raise ValueError("give a prompt, or --prompts FILE")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--ncol", args.ncol),
+                        ("--cot-tokens", args.cot_tokens)):
+        check_count(flag, value)
+    check_count("--viz-step", args.viz_step, minimum=0)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    preset, _ = read_preset(args.ckpt)  # its config.json only: check the inputs before the weights load
+    size = preset.model.image_size if args.size is None else args.size
+    check_size(size, preset.model.codec, preset.model.gen.patch_size)
+    note = note_unknown_prompts(prompts, preset.train.world)
+    if note:
+        print(note, file=sys.stderr)  # a note, not an error: the images are still drawn
     model, tower, codec, preset = load_everything(args.ckpt, args.device)
     if getattr(args, "self_cot", False):
         prompts = apply_self_cot(tower, prompts, args.cot_tokens)
-    size = args.size or preset.model.image_size
-    check_size(size, preset.model.codec, preset.model.gen.patch_size)
     opts = dict(steps=args.steps or preset.train.sample_steps, cfg=preset.train.cfg if args.cfg is None else args.cfg)
     if args.profile:
         print_profile(profile(model, tower, codec, prompts[0], preset, device=args.device, **opts))

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from flow import add_noise, flow_loss, loss_by_t_bins, sample_t, velocity_target
-from gen_tower import GenConfig, ModelConfig, MoS, check_size, codec_shape
+from gen_tower import GenConfig, ModelConfig, MoS, check_count, check_size, codec_shape
 from router import RouterConfig
 
 
@@ -103,6 +103,17 @@ class TrainConfig:
     # the small ops that dominate a toy step on a CPU: bench/toy_step.py). Single process only.
     # The weights, EMA, checkpoints and sample grids stay those of the plain module.
     compile: str = ""
+    # The synthetic world the training data came from (a key of data.WORLDS: "shapesworld"), or
+    # "" for real image–caption data. train() records it from its data source (--data,
+    # --latents), so a checkpoint says what its prompts can name (sample.py's note).
+    world: str = "shapesworld"
+
+    def check(self) -> None:
+        """The counts a run needs, one readable error each (before anything is built)."""
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            check_count(f"train.{name}", getattr(self, name))
+        for name in ("micro_batch", "sample_every", "warmup"):  # 0 = off / all rows / no warm-up
+            check_count(f"train.{name}", getattr(self, name), minimum=0)
 
 
 @dataclass
@@ -120,6 +131,8 @@ class Preset:
         t["betas"] = tuple(t["betas"])
         if "cfg_interval" in t:
             t["cfg_interval"] = tuple(t["cfg_interval"])
+        if "world" not in t:  # written before worlds were recorded: every pixel-codec model was a ShapesWorld toy
+            t["world"] = "shapesworld" if d["model"].get("codec") == "pixel" else ""
         return Preset(ModelConfig.from_dict(d["model"]), TrainConfig(**t), d.get("about", ""))
 
 
@@ -486,16 +499,22 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(path, steps[-1])
 
 
+def read_preset(path: str) -> tuple[Preset, str]:
+    """→ (preset, ckpt_dir) of a checkpoint (or a run dir's latest) from its config.json alone:
+    a look before any weights load, so a CLI can check its inputs against it in a blink."""
+    ckpt = find_checkpoint(path)
+    try:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            return Preset.from_dict(json.load(f)), ckpt
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {ckpt!r} has a missing or unreadable config.json ({e})") from None
+
+
 def load_checkpoint(path: str, which: str = "ema", device="cpu"):
     """→ (model, preset, ckpt_dir). `which` = "ema" (default for sampling) or "model"."""
     from safetensors.torch import load_file
 
-    ckpt = find_checkpoint(path)
-    try:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            preset = Preset.from_dict(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {ckpt!r} has a missing or unreadable config.json ({e})") from None
+    preset, ckpt = read_preset(path)
     weights = os.path.join(ckpt, f"{which}.safetensors")
     if which == "ema" and not os.path.exists(weights):
         weights = os.path.join(ckpt, "model.safetensors")
@@ -981,6 +1000,8 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
 
     tcfg, mcfg = preset.train, preset.model
     check_size(mcfg.image_size, mcfg.codec, mcfg.gen.patch_size)
+    tcfg.check()
+    tcfg.world = "" if latents or data_spec not in data.WORLDS else data_spec  # what the checkpoints record
     dist = init_distributed(device)  # under torchrun: this rank's process group and GPU
     device, quiet = dist.device, quiet or not dist.main  # rank 0 logs
     B = tcfg.batch_size  # the GLOBAL batch, whatever the world size
@@ -1131,6 +1152,52 @@ def write_sample_grid(model, tower_fn, codec, preset, path, device="cpu"):
         save_grid(images, path, ncol=4)
 
 
+def hub_cached(repo_id: str, *files: str, cache_dir: str | None = None) -> bool:
+    """Are these files of a Hugging Face hub repo in the local cache? No network. A file may be
+    'a|b', either will do (a sharded model's index or one weights file)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache_dir), str) for f in alt.split("|"))
+               for alt in files)
+
+
+def check_can_train(preset: Preset, what: str, device: str, features: str | None = None,
+                    latents: str | None = None) -> None:
+    """Stop before any process builds or loads billions of parameters when this machine cannot
+    train `preset`: one ValueError saying what is missing and what to run instead.
+
+    A full preset (Wan 2.2 latent space: ablation, mos_s, mos_l) needs CUDA GPUs; a tower other
+    than the embedded MiniLM (unless --features replaces it) and the Wan VAE (unless --latents
+    replaces it) need their weights in the local Hugging Face cache, or a network to fetch them
+    (not with HF_HUB_OFFLINE). Looks only at the local cache. The toy needs none of it.
+    """
+    from gen_tower import WAN22_VAE_HUB_ID
+    from und_tower import TOWERS
+
+    mcfg = preset.model
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    needs, lacks = [], []
+    if mcfg.codec == "wan2.2":
+        needs.append("CUDA GPUs")
+        if not (str(device).startswith("cuda") and torch.cuda.is_available()):
+            lacks.append("this machine has no CUDA GPU" if not torch.cuda.is_available() else f"--device is {device}")
+    weights = []  # (hub id, files that must be cached)
+    if not features and mcfg.tower != "minilm" and not os.path.isdir(os.path.expanduser(mcfg.tower)):
+        hub_id = TOWERS[mcfg.tower].hub_id if mcfg.tower in TOWERS else mcfg.tower
+        weights.append((hub_id, ("config.json", "model.safetensors.index.json|model.safetensors")))
+    if mcfg.codec == "wan2.2" and not latents:
+        weights.append((WAN22_VAE_HUB_ID, ("vae/config.json", "vae/diffusion_pytorch_model.safetensors")))
+    if weights:
+        needs.append("the weights of " + " and ".join(hub_id for hub_id, _ in weights))
+    absent = [hub_id for hub_id, files in weights if offline and not hub_cached(hub_id, *files)]
+    if absent:
+        lacks.append(f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} not in the local "
+                     "Hugging Face cache (HF_HUB_OFFLINE is set)")
+    if lacks:
+        raise ValueError(f"{what} needs {' and '.join(needs)}; {', and '.join(lacks)} — run "
+                         "`python train.py --preset toy` instead, or add `--dry-run` to size it without weights")
+
+
 def log(msg: str, quiet: bool = False):
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -1189,10 +1256,14 @@ def main(args) -> int:
                              f"{args.stage} as a new run with --stage {args.stage} --init-from PREVIOUS_RUN")
     if getattr(args, "init_from", None):
         preset.train.init_from = args.init_from
+    for key, flag in (("steps", "--steps"), ("batch_size", "--batch-size"), ("micro_batch", "--micro-batch")):
+        check_count(flag, getattr(args, key, None), minimum=0 if key == "micro_batch" else 1)
+    check_count("--threads", getattr(args, "threads", None))
     for key in ("steps", "batch_size", "lr", "micro_batch", "act_ckpt"):
         if getattr(args, key, None) is not None:
             setattr(preset.train, key, getattr(args, key))
     apply_overrides(preset, args.set)
+    preset.train.check()  # what --set changed
     if args.dry_run:
         sizes = dry_run(preset)
         print(f"preset {args.preset}: {preset.about}")
@@ -1203,6 +1274,8 @@ def main(args) -> int:
         print_scale_report(preset)
         print_memory_report(preset, args.world_size)
         return 0
+    check_can_train(preset, f"checkpoint {args.resume}" if args.resume else f"preset {args.preset}", args.device,
+                    features=args.features, latents=args.latents)
     out = args.out or (args.resume if args.resume and not os.path.exists(os.path.join(args.resume, "config.json"))
                        else os.path.join("runs", args.preset + (f"-stage{args.stage}" if args.stage else "")))
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
@@ -1219,5 +1292,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(parse_args()))
     except (ValueError, FloatingPointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets a bad setting alike before the process group exists
+        # (check_can_train, the counts): rank 0 says it once. Later errors may be one rank's own.
+        if int(os.environ.get("RANK", "0")) == 0 or torch.distributed.is_initialized():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -132,6 +133,19 @@ class UnderstandingTower(nn.Module):
             return self.processor(text=texts, images=images, **kwargs)
         return self.processor(texts, **kwargs)
 
+    def _warn_if_truncated(self, texts: list[str]) -> None:
+        """One stderr line per call when text contexts ran past max_length and were cut: the
+        model then never sees their end. Tokenising to max_length + 1 tells a prompt of exactly
+        max_length tokens from a longer one (and keeps the tokenizer's own length warning quiet)."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        cut = [t for t, i in zip(texts, ids) if len(i) > self.max_length]
+        if cut:
+            head = cut[0] if len(cut[0]) <= 40 else cut[0][:40] + "…"
+            which = f"prompt {head!r} is" if len(cut) == 1 else f"{len(cut)} prompts are"
+            print(f"warning: {which} longer than the understanding tower's limit of {self.max_length} tokens; "
+                  f"only {'its' if len(cut) == 1 else 'their'} first {self.max_length} tokens are read",
+                  file=sys.stderr, flush=True)
+
     # NOTE: no_grad, not inference_mode: inference tensors cannot be saved for backward, and the
     # router's and Proj's trainable layers take these states as inputs.
     @torch.no_grad()
@@ -159,6 +173,8 @@ class UnderstandingTower(nn.Module):
             texts = [f"{image_token}\n{t}" for t in texts]
 
         enc = self._encode(texts, images)
+        if images is None and enc["input_ids"].shape[1] >= self.max_length:  # some row hit the limit
+            self._warn_if_truncated(texts)
         # Caption dropout feeds "" for CFG's unconditional branch (DESIGN §3.7). BERT makes that
         # [CLS][SEP] and LLaMA-3 <|begin_of_text|>, but a tokenizer that adds no special tokens
         # makes it zero tokens, an all-padding row the attention cannot handle. Stand in a lone

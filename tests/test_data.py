@@ -293,3 +293,20 @@ def test_caption_kind_follows_a_patched_caption_mix(monkeypatch):
     monkeypatch.setattr(data, "CAPTION_MIX", mix)
     rng = np.random.default_rng(0)
     assert {data.sample_example_spec(rng)[2]["kind"] for _ in range(40)} == {"counting"}
+
+
+def test_world_vocabulary_comes_from_the_world_definition():
+    """data.WORLDS["shapesworld"] is built from SHAPES, COLORS, COUNT_WORDS and RELATIONS (no
+    second copy), knows plurals and ignores case and function words ("to the", "of")."""
+    w = data.WORLDS["shapesworld"]
+    assert w.vocabulary == {"shapes": data.SHAPES, "colours": data.COLORS,
+                            "counts": tuple(data.COUNT_WORDS.values()), "relations": data.RELATIONS}
+    assert {"circle", "cyan", "three", "left", "below"} <= w.words()
+    assert not {"a", "the", "to", "of"} & w.words()
+    assert w.knows("Three SQUARES") and w.knows("a purple thing") and w.knows("what is above?")
+    assert not w.knows("a dog holding a sign") and not w.knows("next to the sea") and not w.knows("")
+    assert w.describe() == ("shapes (circle, square, triangle), colours (red, green, blue, yellow, purple, cyan), "
+                            "counts (two, three, four) and relations (to the left of, to the right of, above, below)")
+    # every training caption names something the world knows
+    rng = np.random.default_rng(0)
+    assert all(w.knows(data.sample_example(rng)[1]) for _ in range(200))

@@ -368,6 +368,34 @@ def test_edit_cli_bad_inputs(edit_ckpt, tmp_path):
             edit.main(edit.parse_args([str(tmp_path / "ok.png"), "remove the red circle", "--ckpt", t2i]))
 
 
+def test_edit_cli_unreadable_files_and_bad_counts_name_what_is_wrong(edit_ckpt, tmp_path, monkeypatch):
+    """Issue #27: a directory given as the image, a non-UTF-8 or unreadable --edits file, a
+    non-positive count: one ValueError line naming it, before the checkpoint loads."""
+    import edit
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "edit.py"), str(tmp_path), "make the red circle blue",
+                        "--ckpt", edit_ckpt], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: image {str(tmp_path)!r} is a directory, not an image file", r.stderr
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint loaded before the inputs were checked")
+
+    monkeypatch.setattr(edit, "load_edit_model", no_load)
+    Image.new("RGB", (S, S), "white").save(tmp_path / "ok.png")
+    (tmp_path / "latin1.jsonl").write_bytes('{"image": "ok.png", "instruction": "caf\xe9"}\n'.encode("latin-1"))
+    ok = [str(tmp_path / "ok.png"), "make the red circle blue"]
+    cases = [(["--edits", str(tmp_path / "latin1.jsonl")],
+              f"edit file {str(tmp_path / 'latin1.jsonl')!r} is not UTF-8 text (it holds the byte 0xe9); save it as UTF-8"),
+             (["--edits", str(tmp_path)], f"cannot read edit file {str(tmp_path)!r}: Is a directory"),
+             (ok + ["--steps", "0"], "--steps must be a positive integer, got 0"),
+             (ok + ["--batch-size", "-1"], "--batch-size must be a positive integer, got -1")]
+    for argv, message in cases:
+        with pytest.raises(ValueError) as e:
+            edit.main(edit.parse_args(argv + ["--ckpt", edit_ckpt]))
+        assert str(e.value) == message
+
+
 def test_evaluate_edits_scores_per_kind(edit_ckpt, monkeypatch, tmp_path):
     import edit
     import eval as evaluation

@@ -125,6 +125,104 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(ckpt, tmp_path):
     one_line_error(run("eval.py", "--ckpt", str(tmp_path / "missing")), "does not exist")
 
 
+def only_line(r, start, *parts):
+    """Exactly one line on stderr, starting with `start` and holding every part; no traceback."""
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), r.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_bad_sizes_counts_and_prompt_files_are_one_line_before_the_weights_load(ckpt, tmp_path, monkeypatch):
+    """Issue #27: a non-positive size or count, or an unreadable prompt file, is one "error: …"
+    line naming it and exit 2 (the entry point, twice), checked before anything loads."""
+    r = run("sample.py", "a circle", "--ckpt", ckpt, "--size", "-4")
+    assert r.returncode == 2
+    only_line(r, "error: image size -4 must be positive: a multiple of 4 pixels")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red circle\ncaf\xe9 au lait\n".encode("latin-1"))
+    r = run("sample.py", "--prompts", str(latin1), "--ckpt", ckpt)
+    assert r.returncode == 2
+    only_line(r, f"error: prompt file {str(latin1)!r} is not UTF-8 text (it holds the byte 0xe9)")
+    # The other cases raise the one-line ValueError that the entry point prints as above.
+    import sample
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint loaded before the inputs were checked")
+
+    monkeypatch.setattr(sample, "load_everything", no_load)
+    missing = str(tmp_path / "missing.txt")
+    cases = [(["--size", "0"], "image size 0 must be positive: a multiple of 4 pixels"),
+             (["--steps", "0"], "--steps must be a positive integer, got 0"),
+             (["--steps", "-2"], "--steps must be a positive integer, got -2"),
+             (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+             (["--ncol", "0"], "--ncol must be a positive integer, got 0"),
+             (["--cot-tokens", "0"], "--cot-tokens must be a positive integer, got 0"),
+             (["--viz-step", "-1"], "--viz-step must be an integer >= 0, got -1"),
+             (["--prompts", missing], f"cannot read prompt file {missing!r}: No such file or directory"),
+             (["--prompts", str(tmp_path)], f"cannot read prompt file {str(tmp_path)!r}: Is a directory")]
+    for argv, message in cases:
+        with pytest.raises(ValueError) as e:
+            sample.main(sample.parse_args(["a circle", "--ckpt", ckpt, *argv]))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), (str(e.value), message)
+
+
+def test_a_prompt_the_world_cannot_draw_gets_a_note_and_still_an_image(ckpt, tmp_path, capsys):
+    """Issue #27: a prompt with no word of the checkpoint's world (its config.json's train.world)
+    gets one note listing what the world can draw, from data.WORLDS; the image is still made."""
+    import data
+    import sample
+
+    out = tmp_path / "dog.png"
+    assert sample.main(sample.parse_args(["a dog holding a sign", "--ckpt", ckpt, "--out", str(out)])) == 0
+    assert Image.open(out).size == (32, 32)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    world = data.WORLDS["shapesworld"]
+    assert notes == [f"note: 'a dog holding a sign' names nothing this checkpoint was trained to draw; "
+                     f"ShapesWorld knows {world.describe()}"]
+    for word in ("circle, square, triangle", "red, green, blue, yellow, purple, cyan", "to the left of"):
+        assert word in notes[0]
+    assert sample.note_unknown_prompts(["three squares", "a Red thing"], "shapesworld") is None  # plural, case
+    assert sample.note_unknown_prompts(["a dog", "a red circle", "the sea"], "shapesworld").startswith(
+        "note: 2 of 3 prompts (e.g. 'a dog') name nothing")
+    assert sample.note_unknown_prompts(["a dog"], "") is None  # real image–caption data: no vocabulary to check
+
+
+def test_train_with_no_steps_is_one_line_and_writes_no_run(tmp_path):
+    for steps in ("-1", "0"):
+        r = run("train.py", "--preset", "toy", "--steps", steps, cwd=tmp_path)
+        assert r.returncode == 2 and "done" not in r.stdout
+        only_line(r, f"error: --steps must be a positive integer, got {steps}")
+        assert not (tmp_path / "runs").exists()
+
+
+def test_a_paper_preset_without_cuda_or_weights_stops_with_one_line_on_rank_0_only(tmp_path):
+    """Issue #27: `train.py --preset mos_s` on a machine without CUDA and without the weights
+    (an empty offline Hugging Face cache) says so in one line before building anything; under
+    torchrun (RANK set) every other rank exits the same way without repeating it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "mos_s"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    only_line(r, "error: preset mos_s needs CUDA GPUs and the weights of facebook/Perception-LM-8B and "
+                 "Wan-AI/Wan2.2-TI2V-5B-Diffusers; this machine has no CUDA GPU, and ",
+              "are not in the local Hugging Face cache (HF_HUB_OFFLINE is set)", "`python train.py --preset toy`",
+              "`--dry-run`")
+    assert not (tmp_path / "runs").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env=dict(env, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2"))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == ""
+
+
+def test_default_outputs_are_ignored_by_git(tmp_path):
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    paths = ["sample.png", "samples/0000.png", "edited.png", "edits/0000.png", "sample.png.tmp", "runs/toy/log.jsonl"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.split() == paths, r.stdout + r.stderr
+
+
 def test_eval_cli_scores_a_checkpoint(ckpt, tmp_path):
     r = run("eval.py", "--ckpt", ckpt, "--per-category", "2", "--images-per-prompt", "1", "--steps", "2",
             "--out", str(tmp_path / "s.json"))

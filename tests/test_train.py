@@ -123,6 +123,96 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_bad_counts_are_one_line_errors_before_anything_is_built(tmp_path, monkeypatch):
+    """Issue #27: a non-positive step count or batch size, from a flag or from --set, is one
+    ValueError line (train.py's entry point prints it as `error: …`, exit 2), raised before
+    any model, tower or run directory exists."""
+    real_train = train.train
+
+    def no_train(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "train", no_train)
+    cases = [(["--steps", "-1"], "--steps must be a positive integer, got -1"),
+             (["--steps", "0"], "--steps must be a positive integer, got 0"),
+             (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+             (["--micro-batch", "-1"], "--micro-batch must be an integer >= 0, got -1"),
+             (["--threads", "0"], "--threads must be a positive integer, got 0"),
+             (["--set", "train.batch_size=0"], "train.batch_size must be a positive integer, got 0"),
+             (["--set", "train.steps=-5"], "train.steps must be a positive integer, got -5"),
+             (["--set", "train.ckpt_every=0"], "train.ckpt_every must be a positive integer, got 0"),
+             (["--set", "train.log_every=0"], "train.log_every must be a positive integer, got 0"),
+             (["--set", "train.sample_every=-1"], "train.sample_every must be an integer >= 0, got -1")]
+    for argv, message in cases:
+        with pytest.raises(ValueError) as e:
+            train.main(train.parse_args(["--preset", "toy", "--out", str(tmp_path / "run"), *argv]))
+        assert str(e.value) == message
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="train.steps must be a positive integer, got 0"):  # train() checks too
+        real_train(tiny_preset(steps=0), str(tmp_path / "run"), quiet=True)
+
+
+def test_check_can_train_names_what_a_full_preset_lacks(monkeypatch):
+    """A full preset needs CUDA GPUs and its tower's and VAE's weights (local, or a network to
+    fetch them); --features / --latents replace the tower / VAE. The toy needs nothing."""
+    mos_s = get_preset("mos_s")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(train, "hub_cached", lambda repo, *files: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train.check_can_train(get_preset("toy"), "preset toy", "cpu")
+    with pytest.raises(ValueError) as e:
+        train.check_can_train(mos_s, "preset mos_s", "cpu")
+    assert str(e.value) == (
+        "preset mos_s needs CUDA GPUs and the weights of facebook/Perception-LM-8B and Wan-AI/Wan2.2-TI2V-5B-Diffusers; "
+        "this machine has no CUDA GPU, and facebook/Perception-LM-8B and Wan-AI/Wan2.2-TI2V-5B-Diffusers are not in "
+        "the local Hugging Face cache (HF_HUB_OFFLINE is set) — run `python train.py --preset toy` instead, or add "
+        "`--dry-run` to size it without weights")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train, "hub_cached", lambda repo, *files: repo != "OpenGVLab/InternVL3-14B-hf")
+    with pytest.raises(ValueError, match=r"^preset mos_l needs CUDA GPUs and the weights of OpenGVLab/InternVL3-14B-hf "
+                                         r"and Wan-AI/Wan2\.2-TI2V-5B-Diffusers; OpenGVLab/InternVL3-14B-hf is not in"):
+        train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
+    train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda", features="cache/")  # no tower needed
+    with pytest.raises(ValueError, match="needs CUDA GPUs; --device is cpu — run"):
+        train.check_can_train(get_preset("mos_l"), "preset mos_l", "cpu", features="f/", latents="l/")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the weights can still be fetched
+    train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
+
+
+def test_hub_cached_reads_the_local_cache_only(tmp_path):
+    snap = tmp_path / "models--org--tower" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--org--tower" / "refs").mkdir()
+    (tmp_path / "models--org--tower" / "refs" / "main").write_text("abc123")
+    (snap / "config.json").write_text("{}")
+    kw = dict(cache_dir=str(tmp_path))
+    assert not train.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
+    (snap / "model.safetensors").write_bytes(b"")
+    assert train.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
+    assert not train.hub_cached("org/other", "config.json", **kw)
+
+
+def test_checkpoints_record_their_world(tmp_path, minilm, monkeypatch):
+    """config.json says which world the data came from (sample.py's vocabulary note): the
+    ShapesWorld name, "" for real image–caption data; older configs are inferred from the codec."""
+    from PIL import Image
+
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    p = tiny_preset(steps=1)
+    p.train.world = "something else"  # train() records what it really trained on
+    train.train(p, str(tmp_path / "shapes"), quiet=True)
+    assert train.read_preset(str(tmp_path / "shapes"))[0].train.world == "shapesworld"
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 40, 200)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text(f"a photo {i}")
+    train.train(tiny_preset(steps=1), str(tmp_path / "real"), quiet=True, data_spec=str(tmp_path))
+    assert train.read_preset(str(tmp_path / "real"))[0].train.world == ""
+    for name, world in (("toy", "shapesworld"), ("mos_s", "")):
+        d = get_preset(name).to_dict()
+        del d["train"]["world"]
+        assert train.Preset.from_dict(d).train.world == world
+
+
 def test_checkpoint_roundtrip_and_corrupt_checkpoint_errors(tmp_path):
     p = tiny_preset()
     model = build_model(p.model)

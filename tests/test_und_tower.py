@@ -103,6 +103,24 @@ def test_bad_inputs_give_clear_errors(minilm):
         minilm([])
 
 
+def test_minilm_warns_once_per_call_when_it_truncates(minilm, capsys):
+    """Issue #27: a prompt past max_length (77) is cut with one stderr line naming the limit,
+    once per call however many prompts or tokens are cut; a prompt of exactly 77 tokens is not."""
+    exact = " ".join(["red"] * 75)  # [CLS] + 75 + [SEP] = 77 tokens
+    assert minilm([exact, "a circle"]).mask.sum(dim=1).tolist() == [77, 4]
+    assert capsys.readouterr().err == ""
+    long = " ".join(["red"] * 200)
+    out = minilm([long, "a circle"])
+    assert out.mask.sum(dim=1).tolist() == [77, 4]  # still truncated to the limit
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: prompt 'red red red red red red red red red red …' is longer than the understanding tower's "
+        "limit of 77 tokens; only its first 77 tokens are read"]
+    minilm([long, exact + " red", "a circle"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: 2 prompts are longer than the understanding tower's limit of 77 tokens; only their first 77 "
+        "tokens are read"]
+
+
 def test_tower_output_to_keeps_mask_bool(minilm):
     out = minilm(["a red circle", LONG])
     half = out.to(dtype=torch.bfloat16)
