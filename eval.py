@@ -5,8 +5,11 @@ object, two objects, counting, colours, position, colour attribution — are sco
 an object detector on each generated image and checking the prompt's claims. We do the same
 in ShapesWorld, where an exact detector is possible: objects are solid, flat-coloured blobs
 on white, so connected components, a nearest-palette colour and a fill-ratio shape test
-recover the scene. Prompts naming a held-out (colour, shape) pair (data.HELD_OUT) measure
-compositional generalisation; edits (MoS-Edit, Sec. 3.4) are scored against their target scene.
+recover the scene. The detector is also strict, so near-misses do not score: a colour must be
+close to its palette colour and uniform across the region, and a shape must be filled (no
+holes) and unstretched (second moments), else it is "unknown" and matches no prompt. Prompts
+naming a held-out (colour, shape) pair (data.HELD_OUT) measure compositional generalisation;
+edits (MoS-Edit, Sec. 3.4) are scored against their target scene.
 
 How it connects: prompts and their ground-truth specs come from data.py (one set of
 templates, one truth function `data.holds`); images come from sample.py / edit.py; this file
@@ -21,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,9 +56,47 @@ TRIANGLE_MIN_FILL = 0.35
 # circles and squares, 2/3 for an upright triangle (mass sits at its base). Halfway is 0.583.
 # A blob whose centroid is that far *up* (an upside-down triangle) is junk.
 TRIANGLE_MIN_CENTROID = 0.58
-UNKNOWN = "unknown"
-
+# The box and the fill cannot see a stretched shape: a 1.3:1 ellipse has a circle's fill, and
+# turned 45° it has a square box. Second moments can. We take the coverage-weighted covariance
+# of the pixel centres, rescale the vertical axis so that the shape's ideal covariance is
+# round (circle and square are round already; an upright triangle of side s has vertical
+# variance s²/18 against horizontal s²/24, so its y axis is scaled by √(3/4)), and call
+# the ratio of the principal standard deviations its elongation: 1 for a true shape, 1.3 for a
+# 1.3:1 ellipse at any angle. Rendered shapes measure at most ~1.02 at S = 32 (pixel
+# staircases and anti-aliasing of the smallest triangles; ~1.04 for boxes off the pixel grid;
+# tests/test_eval.py pins the margin). The cap tolerates one pixel of wobble at the smallest
+# side, 8 px at S = 32: a circle drawn 8 wide and 7 tall is 8/7 ≈ 1.14, and a partly covered
+# edge row adds a few hundredths (a model's squat circle measures ~1.17). Two pixels at that
+# side (8/6 ≈ 1.33), a 10 × 8 box (1.25) and the 1.3:1 near-miss are beyond it. 1.2 sits
+# between the two.
+MAX_ELONGATION = 1.2
+_TRIANGLE_Y_SCALE = math.sqrt(3.0 / 4.0)
+# A filled shape has no holes: its coverage along any row is one run (each of the three shapes
+# is convex), so every background pixel inside its box reaches the box's edge. Background
+# pixels the component encloses (reached only by 4-connected steps through background, the
+# dual of the objects' 8-connectivity) are a hole, and one such pixel is enough: it is under
+# ~20% covered (FOREGROUND_DISTANCE), i.e. white where the shape should be solid.
+MAX_HOLE_PIXELS = 0
+# Colour: a region is a palette colour only when its colour lies within this RGB distance of
+# it. Half the distance between the two closest palette colours (blue and purple, ~114.5):
+# the balls of this radius around the six colours do not touch, so a colour inside one is
+# unambiguously that colour, and one between them (grey, a faded or muddied tint) is none of
+# them. Rendered objects measure 0 (their core pixels are exactly the palette colour). In
+# fading terms the cap lets an object's core lose 18% (red, 320 from white) to 24% (yellow,
+# 242 from white) of its saturation: a 30%-faint red is ~225 from red and ~168 from yellow,
+# far outside either ball, where the nearest palette colour alone calls it yellow.
 _PALETTE_RGB = np.array(list(data.PALETTE.values()), dtype=np.float64)  # (6, 3)
+_PALETTE_GAP = min(float(np.linalg.norm(a - b)) for a, b in itertools.combinations(_PALETTE_RGB, 2))
+COLOR_MAX_DISTANCE = 0.5 * _PALETTE_GAP  # ≈ 57.2
+# Uniformity: every pixel of a one-colour object, edges included, lies on the segment from
+# white to its colour (an anti-aliased edge is a blend of the two). A pixel farther than
+# COLOR_MAX_DISTANCE from that segment is a shade of some other colour. Rendered objects have
+# none (rounding puts pixels < 1 off the segment), and pixels within the cap of white can never
+# count, so faint anti-aliased rims are safe. More than a tenth of the region off the segment
+# means two colours share it, e.g. a red half and a blue half whose median reads as purple;
+# a tenth is already a visible patch (3 px of the smallest triangle, 14 of the largest square).
+MAX_OFF_COLOR_FRACTION = 0.1
+UNKNOWN = "unknown"
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
@@ -85,6 +127,37 @@ def _components(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, labels, -1)
 
 
+def _hole_pixels(inside: np.ndarray) -> int:
+    """Background pixels of a boolean (h, w) box mask that no 4-connected path through
+    background joins to the box's border: the component's holes."""
+    outside = np.pad(~inside, 1, constant_values=True)  # (h+2, w+2): a background frame
+    reached = np.zeros_like(outside)
+    reached[0, :] = reached[-1, :] = reached[:, 0] = reached[:, -1] = True
+    while True:
+        grown = reached.copy()
+        grown[1:, :] |= reached[:-1, :]
+        grown[:-1, :] |= reached[1:, :]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= outside
+        if np.array_equal(grown, reached):
+            return int((outside & ~reached).sum())
+        reached = grown
+
+
+def _elongation(xs: np.ndarray, ys: np.ndarray, alpha: np.ndarray, shape: str) -> float:
+    """Ratio of the principal standard deviations of the coverage, relative to the shape's
+    ideal (see MAX_ELONGATION): 1 for a true shape at any size."""
+    wsum = max(float(alpha.sum()), 1e-6)
+    x = xs + 0.5 - float((alpha * (xs + 0.5)).sum()) / wsum  # (n,) pixel centres about the centroid
+    y = ys + 0.5 - float((alpha * (ys + 0.5)).sum()) / wsum
+    if shape == "triangle":
+        y = y * _TRIANGLE_Y_SCALE
+    a, b, c = (float((alpha * u * v).sum()) / wsum for u, v in ((x, x), (x, y), (y, y)))
+    mid, half = (a + c) / 2, math.hypot((a - c) / 2, b)  # eigenvalues of [[a, b], [b, c]]: mid ± half
+    return math.sqrt((mid + half) / max(mid - half, 1e-9))
+
+
 def _classify(w: int, h: int, fill: float, centroid: float, size: int) -> str:
     """The shape of a component from its box, fill ratio and vertical centroid, or UNKNOWN."""
     side = max(w, h)
@@ -103,12 +176,27 @@ def _classify(w: int, h: int, fill: float, centroid: float, size: int) -> str:
     return UNKNOWN
 
 
-def detect(img: np.ndarray) -> list[Obj]:
-    """Find the objects in a uint8 (S, S, 3) image, sorted top-to-bottom, left-to-right.
+@dataclass(frozen=True)
+class Blob:
+    """One non-speck component: the object the detector reports, and the measurements behind
+    its colour and shape (each compared with its threshold above)."""
 
-    Each non-speck component becomes an Obj: colour = the palette entry nearest the median of
-    its strongly coloured pixels; shape from `_classify` (UNKNOWN for junk); (cx, cy, size)
-    from its bounding box, in the same pixel convention as data.render.
+    obj: Obj
+    color_distance: float  # RGB distance from the region's colour to the nearest palette colour
+    off_color: float       # fraction of its pixels off the white -> palette-colour segment
+    holes: int             # background pixels it encloses
+    elongation: float      # principal-axis ratio relative to its shape's ideal (circle's if unknown)
+
+
+def measure(img: np.ndarray) -> list[Blob]:
+    """Find and measure the components of a uint8 (S, S, 3) image, sorted top-to-bottom,
+    left-to-right. `detect` is this without the measurements.
+
+    Colour: the palette entry nearest the median of the strongly coloured pixels, or UNKNOWN
+    when that median is farther than COLOR_MAX_DISTANCE from it or more than
+    MAX_OFF_COLOR_FRACTION of the pixels are another colour. Shape: `_classify` from the box,
+    fill and centroid, then UNKNOWN if the component has a hole or is elongated beyond
+    MAX_ELONGATION. (cx, cy, size) from the bounding box, in data.render's pixel convention.
     """
     if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1]:
         raise ValueError(f"detect expects a square RGB image (S, S, 3); got shape {img.shape}.")
@@ -117,7 +205,7 @@ def detect(img: np.ndarray) -> list[Obj]:
     dist = np.sqrt((deficit ** 2).sum(axis=2))  # (S, S)
     labels = _components(dist > FOREGROUND_DISTANCE)
     min_area = MIN_AREA_FRACTION * size * size
-    objs = []
+    blobs = []
     for label in np.unique(labels[labels >= 0]):
         ys, xs = np.nonzero(labels == label)
         if len(ys) < min_area:
@@ -126,7 +214,18 @@ def detect(img: np.ndarray) -> list[Obj]:
         # Colour from the strongly coloured pixels only; anti-aliased edges are mixed with white.
         strong = d >= 0.5 * d.max()
         rgb = np.median(img[ys[strong], xs[strong]].astype(np.float64), axis=0)  # (3,)
-        color = data.COLORS[int(np.argmin(((_PALETTE_RGB - rgb) ** 2).sum(axis=1)))]
+        nearest = int(np.argmin(((_PALETTE_RGB - rgb) ** 2).sum(axis=1)))
+        color_distance = float(np.linalg.norm(_PALETTE_RGB[nearest] - rgb))
+        # Distance of each pixel from the segment white -> palette colour, in deficit space
+        # (white is the origin there): project onto the segment, clip to it, measure the rest.
+        ref = 255.0 - _PALETTE_RGB[nearest]  # (3,)
+        along = np.clip(deficit[ys, xs] @ ref / (ref @ ref), 0.0, 1.0)  # (n,)
+        off = np.linalg.norm(deficit[ys, xs] - along[:, None] * ref, axis=1)  # (n,)
+        off_color = float((off > COLOR_MAX_DISTANCE).mean())
+        if color_distance <= COLOR_MAX_DISTANCE and off_color <= MAX_OFF_COLOR_FRACTION:
+            color = data.COLORS[nearest]
+        else:
+            color = UNKNOWN
         # Per-pixel coverage: how far along the white -> object-colour line each pixel is, so a
         # half-covered edge pixel counts one half, and the fill ratio does not depend on how
         # edges were anti-aliased.
@@ -137,8 +236,22 @@ def detect(img: np.ndarray) -> list[Obj]:
         fill = float(alpha.sum()) / (w * h)
         centroid = (float((alpha * (ys + 0.5)).sum() / max(alpha.sum(), 1e-6)) - y0) / h
         shape = _classify(w, h, fill, centroid, size)
-        objs.append(Obj(shape, color, float(x0 + w / 2), float(y0 + h / 2), float(max(w, h))))
-    return sorted(objs, key=lambda o: (o.cy, o.cx))
+        holes = _hole_pixels(labels[y0:y1, x0:x1] == label)
+        elongation = _elongation(xs, ys, alpha, shape)
+        if holes > MAX_HOLE_PIXELS or elongation > MAX_ELONGATION:
+            shape = UNKNOWN
+        obj = Obj(shape, color, float(x0 + w / 2), float(y0 + h / 2), float(max(w, h)))
+        blobs.append(Blob(obj, color_distance, off_color, holes, elongation))
+    return sorted(blobs, key=lambda b: (b.obj.cy, b.obj.cx))
+
+
+def detect(img: np.ndarray) -> list[Obj]:
+    """Find the objects in a uint8 (S, S, 3) image, sorted top-to-bottom, left-to-right.
+
+    Each non-speck component becomes an Obj whose colour and shape are UNKNOWN unless it is
+    unmistakably one palette colour and one filled, unstretched shape (`measure`).
+    """
+    return [b.obj for b in measure(img)]
 
 
 ########################################################################################
@@ -196,15 +309,16 @@ def benchmark_prompts(seed: int = 0, per_category: int = 50) -> list[dict]:
 def check(spec: dict, objs: list[Obj], size: int) -> bool:
     """Does a detected scene satisfy a prompt? GenEval rules, plus a no-junk rule.
 
-    - every detected component must be a recognised object: one UNKNOWN blob (smeared, merged,
-      mis-shapen or the size of the canvas) fails the image, so noise cannot pass;
+    - every detected component must be a recognised object: one blob of UNKNOWN shape (smeared,
+      merged, holed, stretched or the size of the canvas) or UNKNOWN colour (off the palette,
+      faded, or two colours in one region) fails the image, so noise and near-misses cannot pass;
     - single_object: an object of that shape; two_object: both shapes;
       counting: exactly that many of the shape (others may be present, as in GenEval);
       colors: an object of that colour and shape; color_attr: both (colour, shape) objects;
       position: an object of shape1 and a different one of shape2 whose centres are in the
       relation with margin 0.1·S. See data.holds.
     """
-    if any(o.shape == UNKNOWN for o in objs):
+    if any(UNKNOWN in (o.shape, o.color) for o in objs):
         return False
     return data.holds(spec, objs, size)
 
@@ -213,7 +327,7 @@ def failure_mode(spec: dict, objs: list[Obj], size: int) -> str | None:
     """Why an image fails its prompt (None if it passes), in the first bucket that fits.
 
     The buckets separate drawing failures from composition failures: a 'junk' blob (smeared or
-    merged objects), too few objects, a named shape missing although enough objects were drawn
+    merged objects, or an object of no palette colour), too few objects, a named shape missing although enough objects were drawn
     (typically both objects of a two-object prompt given one shape: a binding failure), and
     right shapes in the wrong relation or colours. `eval.py` reports the counts per category.
     """
@@ -221,7 +335,7 @@ def failure_mode(spec: dict, objs: list[Obj], size: int) -> str | None:
         return None
     shapes = [o.shape for o in objs]
     kind = spec["kind"]
-    if UNKNOWN in shapes:
+    if any(UNKNOWN in (o.shape, o.color) for o in objs):
         return "junk"
     if kind in ("two_object", "position", "color_attr"):
         want = spec["shapes"] if "shapes" in spec else [s for _, s in spec["objects"]]
@@ -304,7 +418,7 @@ def edit_benchmark(seed: int = 0, per_kind: int = 20, size: int = 32) -> list[di
 def edit_correct(target_objs, detected, size: int) -> bool:
     """Does the detected scene equal the target: the same multiset of (shape, colour), and a
     one-to-one matching that puts every detected object within 0.2·S of its target's centre?
-    Junk (UNKNOWN) never matches anything, so it fails the edit."""
+    Junk (UNKNOWN shape or colour) never matches anything, so it fails the edit."""
     target, found = list(target_objs), list(detected)
     key = lambda o: (o.shape, o.color)  # noqa: E731
     if sorted(map(key, target)) != sorted(map(key, found)):

@@ -61,6 +61,116 @@ def test_junk_is_reported_as_unknown_and_specks_are_ignored():
     assert evaluation.detect(specks) == []
 
 
+def test_rendered_scenes_sit_far_inside_every_strictness_threshold():
+    # The strict checks must never touch a true object: over many random scenes, every object's
+    # colour is exactly its palette colour and uniform, it has no hole, and its elongation is
+    # well under the cap, so the thresholds have room for a model's small imperfections.
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        objs = data.random_scene(rng, S, allow_held_out=True)
+        blobs = evaluation.measure(data.render(objs, S))
+        assert [b.obj for b in blobs] == sorted(objs, key=lambda o: (o.cy, o.cx))
+        for b in blobs:
+            assert b.color_distance <= 1.0 and b.off_color == 0.0 and b.holes == 0, b
+            assert b.elongation < 1.05 < evaluation.MAX_ELONGATION, b
+
+
+# Near-misses, built by hand: each must fail the prompt it nearly satisfies, while the correctly
+# rendered object passes it.
+
+def _paint(img: np.ndarray, alpha: np.ndarray, rgb) -> np.ndarray:
+    """Blend colour rgb over img with coverage alpha (S, S), as data.render does."""
+    out = img.astype(np.float64)
+    out += alpha[..., None] * (np.asarray(rgb, np.float64) - out)
+    return np.rint(out).astype(np.uint8)
+
+
+def _ellipse_alpha(cx, cy, a, b, angle=0.0, k=8):
+    """Supersampled coverage (S, S) of an ellipse with semi-axes a, b turned by angle."""
+    g = (np.arange(S * k) + 0.5) / k
+    x, y = g[None, :] - cx, g[:, None] - cy
+    u = np.cos(angle) * x + np.sin(angle) * y
+    v = -np.sin(angle) * x + np.cos(angle) * y
+    return ((u / a) ** 2 + (v / b) ** 2 <= 1).reshape(S, k, S, k).mean(axis=(1, 3))
+
+
+def _passes(spec, img) -> bool:
+    return evaluation.check(spec, evaluation.detect(img), S)
+
+
+def _colors(color, shape):
+    return {"kind": "colors", "color": color, "shape": shape}
+
+
+def test_grey_triangle_is_not_a_purple_triangle():
+    # Purple is the nearest palette colour to mid-grey, but ~100 away: no palette colour at all.
+    purple = Obj("triangle", "purple", 16.0, 16.0, 10.0)
+    red = data.render([Obj("triangle", "red", 16.0, 16.0, 10.0)], S)
+    alpha = (255.0 - red[..., 1]) / (255.0 - data.PALETTE["red"][1])  # the triangle's coverage
+    grey = _paint(np.full((S, S, 3), 255, np.uint8), alpha, (128, 128, 128))
+    assert evaluation.detect(grey)[0].color == evaluation.UNKNOWN
+    assert not _passes(_colors("purple", "triangle"), grey)
+    assert not _passes({"kind": "single_object", "shape": "triangle"}, grey)  # matches nothing
+    assert _passes(_colors("purple", "triangle"), data.render([purple], S))
+
+
+def test_half_red_half_blue_square_is_not_one_purple_square():
+    square = Obj("square", "red", 16.0, 16.0, 12.0)
+    blue = data.render([Obj("square", "blue", 16.0, 16.0, 12.0)], S)
+    half = data.render([square], S)
+    half[:, 16:] = blue[:, 16:]
+    for color in ("purple", "red", "blue"):
+        assert not _passes(_colors(color, "square"), half), color
+    # Uniformity, not only the colour cap: with 70% red the median is exactly red, and the
+    # 30% of blue pixels still make it two colours.
+    mostly_red = data.render([square], S)
+    mostly_red[:, 18:] = blue[:, 18:]
+    blob, = evaluation.measure(mostly_red)
+    assert blob.color_distance == 0.0 and blob.off_color > evaluation.MAX_OFF_COLOR_FRACTION
+    assert not _passes(_colors("red", "square"), mostly_red)
+    assert _passes(_colors("red", "square"), data.render([square], S))
+
+
+def test_faint_red_circle_is_neither_yellow_nor_red():
+    circle = Obj("circle", "red", 16.0, 16.0, 12.0)
+    full = data.render([circle], S)
+    faint = np.rint(255.0 - 0.3 * (255.0 - full)).astype(np.uint8)  # 30% of red over white
+    assert not _passes(_colors("yellow", "circle"), faint)  # the nearest palette colour
+    assert not _passes(_colors("red", "circle"), faint)
+    assert _passes(_colors("red", "circle"), full)
+
+
+def test_square_with_a_hole_is_no_shape():
+    square = Obj("square", "green", 16.0, 16.0, 12.0)
+    holed = data.render([square], S)
+    holed[14:18, 14:18] = 255  # a 4×4 hole: fill 0.89, which alone reads as a circle
+    assert evaluation.measure(holed)[0].holes == 16
+    for shape in data.SHAPES:
+        assert not _passes({"kind": "single_object", "shape": shape}, holed), shape
+    one_pixel = data.render([square], S)
+    one_pixel[15, 15] = 255
+    assert not _passes({"kind": "single_object", "shape": "square"}, one_pixel)
+    assert _passes({"kind": "single_object", "shape": "square"}, data.render([square], S))
+
+
+@pytest.mark.parametrize("angle", [0.0, np.pi / 4])
+def test_stretched_shapes_are_not_circles_or_squares(angle):
+    # A 1.3:1 ellipse has a circle's fill; turned 45° it also has a square box. Only its
+    # second moments tell it apart.
+    white = np.full((S, S, 3), 255, np.uint8)
+    ellipse = _paint(white, _ellipse_alpha(16.0, 16.0, 6.5, 5.0, angle), data.PALETTE["red"])
+    assert not _passes(_colors("red", "circle"), ellipse)
+    assert not _passes({"kind": "single_object", "shape": "circle"}, ellipse)
+    rectangle = white.copy()
+    rectangle[10:23, 11:21] = data.PALETTE["blue"]  # 13 × 10: a 1.3:1 box, fill 1
+    assert not _passes({"kind": "single_object", "shape": "square"}, rectangle)
+    circle = Obj("circle", "red", 16.0, 16.0, 12.0)
+    assert _passes(_colors("red", "circle"), data.render([circle], S))
+    # One pixel of wobble at the smallest size is tolerated: 8 wide and 7 tall is a circle.
+    squat = _paint(white, _ellipse_alpha(16.0, 16.0, 4.0, 3.5, angle), data.PALETTE["red"])
+    assert _passes(_colors("red", "circle"), squat)
+
+
 def test_detect_rejects_bad_input():
     with pytest.raises(ValueError, match="square RGB"):
         evaluation.detect(np.zeros((32, 16, 3), np.uint8))
