@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -107,6 +108,9 @@ class TrainConfig:
     # "" for real image–caption data. train() records it from its data source (--data,
     # --latents), so a checkpoint says what its prompts can name (sample.py's note).
     world: str = "shapesworld"
+    # dtype of the weights a phased recipe exports (`export_weights`): "" = as trained (fp32),
+    # "bfloat16" halves the file (the toy's 18 blocks: 33.6 → 16.8 MB) and loads into fp32.
+    export_dtype: str = ""
 
     def check(self) -> None:
         """The counts a run needs, one readable error each (before anything is built)."""
@@ -121,6 +125,11 @@ class Preset:
     model: ModelConfig
     train: TrainConfig
     about: str = ""
+    # A recipe in phases (the toy's): each phase is a list of `--set` assignments applied to
+    # this preset, trained as its own run in <out>/phase-k; phase k > 1 starts from phase
+    # k-1's EMA weights (`init_weights`, which grows the tower when the phase asks for more
+    # blocks), and the last phase's EMA is exported in train.export_dtype. Empty: one run.
+    phases: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,15 +142,20 @@ class Preset:
             t["cfg_interval"] = tuple(t["cfg_interval"])
         if "world" not in t:  # written before worlds were recorded: every pixel-codec model was a ShapesWorld toy
             t["world"] = "shapesworld" if d["model"].get("codec") == "pixel" else ""
-        return Preset(ModelConfig.from_dict(d["model"]), TrainConfig(**t), d.get("about", ""))
+        return Preset(ModelConfig.from_dict(d["model"]), TrainConfig(**t), d.get("about", ""),
+                      [list(a) for a in d.get("phases", [])])
 
 
 def _toy() -> Preset:
-    # The CPU recipe; see README "What mattered (measured)" for how it was tuned, and
-    # "Captions in reading order" / "More two-object captions" for the data half (data.py).
-    # For a 20-minute budget, batch 8 x 9000 steps beats this batch 64, and training at shifted noise
-    # levels (train.t_shift=2) beats shift 1 there by +0.06 (README "What 20 minutes buys"); the preset
-    # keeps batch 64 and shift 1 as the first stage of the shipped weights' recipe.
+    # The CPU recipe; docs/experiments.md holds the measurements behind each setting.
+    # x-prediction (GenConfig.prediction) is what makes pixel-space training work at all; batch
+    # 8 buys more updates per CPU-second than 64; training at shifted noise levels (t_shift 2)
+    # and lr 1e-3 beat their alternatives at a fixed step budget. `--steps N` trains this base
+    # setting alone (eager, 6 blocks) — the quick way to try a change. Without `--steps` the
+    # preset runs its phases: the tower grows 6 → 12 → 18 blocks (`grow_depth`), each phase a
+    # fresh AdamW with its own warm-up and cosine, compiled (train.compile), and the last
+    # phase's EMA is exported in bf16 (runs/toy/export: what checkpoints/toy/ ships).
+    compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
             tower="minilm", und_states=7, und_dim=384, codec="pixel", image_size=32,
@@ -149,10 +163,18 @@ def _toy() -> Preset:
             router=RouterConfig(dim=96, heads=4, k=2, eps=0.05),
         ),
         # Sampling defaults: CFG 3 only for t <= 0.8 (guidance at high noise erases objects
-        # whose colour the prompt leaves open; README "Guidance in a limited interval").
-        train=TrainConfig(steps=4000, batch_size=64, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.998,
-                          log_every=25, sample_every=500, ckpt_every=250, cfg=3.0, cfg_interval=(0.0, 0.8)),
+        # whose colour the prompt leaves open; docs/experiments.md "Sampler levers").
+        train=TrainConfig(steps=24000, batch_size=8, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.999,
+                          t_shift=2.0, log_every=50, sample_every=0, ckpt_every=2000, cfg=3.0,
+                          cfg_interval=(0.0, 0.8), export_dtype="bfloat16"),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
+        phases=[
+            [compiled],  # 6 blocks from scratch
+            ["model.gen.depth=12", "train.steps=20000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
+             compiled],
+            ["model.gen.depth=18", "train.steps=14000", "train.lr=2e-4", "train.lr_min=1e-5", "train.seed=2",
+             compiled],
+        ],
     )
 
 
@@ -183,6 +205,7 @@ def _toy_edit() -> Preset:
     # A fine-tune: lower peak lr, short warm-up, a faster EMA for a short run. No sample grid
     # (it is a text-to-image grid); edit.py / eval.py --edit show and score the edits.
     p = _toy()
+    p.phases = []  # one run
     p.model.gen.ref = True
     # The shipped toy grew from 6 to 9 to 12 to 18 blocks (README "Growing the tower"), so the edit
     # model that starts from it has 18 too; the shipped toy_edit checkpoint predates that (6 blocks,
@@ -1035,7 +1058,7 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
         fwd = torch.compile(model, backend=tcfg.compile)
         log(f"torch.compile (backend {tcfg.compile}): the first step includes compilation", quiet)
     torch.manual_seed(tcfg.seed + dist.rank)  # per-rank seed for anything not drawn per sample
-    start = 0
+    start, spent = 0, (0.0, 0.0)  # step, and (wall, CPU) seconds this run trained before a resume
     if resume:
         ckpt = find_checkpoint(resume)
         if is_distributed_checkpoint(ckpt):  # DCP, written by any number of processes
@@ -1050,6 +1073,7 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
             keep_optimizer_kind(opt, lambda: opt.load_state_dict(state["optimizer"]))
             torch.set_rng_state(state["torch_rng"])
             start = state["step"]
+            spent = state.get("train_seconds", 0.0), state.get("cpu_seconds", 0.0)
         log(f"resumed from {ckpt} at step {start}", quiet)
     memo = data.load_feature_cache(features) if features else None
     tower_dtype = getattr(torch, tcfg.tower_dtype) if tcfg.tower_dtype else None  # bf16 for full presets (App. A)
@@ -1071,7 +1095,7 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
     end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
     history, last_good = [], None
     bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=quiet, dynamic_ncols=True)
-    t0 = time.time()
+    t0, c0 = time.time() - spent[0], time.process_time() - spent[1]  # clocks that survive a resume
     for step in bar:
         fail_at = os.environ.get("MOS_TEST_FAIL_AT_STEP")  # test hook: the last rank dies once, here
         if fail_at and step == int(fail_at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -1114,19 +1138,91 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
             bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{gnorm:.2f}", lr=f"{lr_at(step, tcfg):.2e}")
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "loss_by_t": bins, "grad_norm": gnorm.item(),
-                                    "lr": lr_at(step, tcfg), "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                                    "lr": lr_at(step, tcfg), "elapsed_s": round(time.time() - t0, 1),
+                                    "cpu_s": round(time.process_time() - c0, 1)}) + "\n")
         done = step + 1
         if (done % tcfg.ckpt_every == 0 or done == end) and dist.enabled:
             last_good = save_distributed_checkpoint(out, done, model, ema, opt, preset, dist, done * B)
         elif done % tcfg.ckpt_every == 0 or done == end:
             state = {"optimizer": opt.state_dict(), "step": done, "torch_rng": torch.get_rng_state(),
-                     "data_position": done * tcfg.batch_size}
+                     "data_position": done * tcfg.batch_size,
+                     "train_seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
             last_good = save_checkpoint(out, done, model, ema, preset, state)
         if tcfg.sample_every and not mcfg.gen.ref and (done % tcfg.sample_every == 0 or done == end):
             # Under FSDP2 every rank runs the (sharded) EMA forward; rank 0 writes the PNG.
             grid = os.path.join(out, f"samples-{done:06d}.png") if dist.main else None
             write_sample_grid(ema, tower, codec, preset, grid, device)
     return history
+
+
+def train_phases(preset: Preset, out: str, command: str, device="cpu", data_spec: str = "shapesworld",
+                 quiet=False, stop_at: int | None = None) -> str:
+    """Run a phased recipe (`Preset.phases`) into out/phase-1 … phase-K, then export.
+
+    Phase k is an ordinary `train()` run of the preset with phase k's assignments, started from
+    phase k-1's EMA weights (grown to the phase's depth by `init_weights`). Calling this again
+    on the same `out` continues where it stopped: finished phases are skipped, an unfinished one
+    resumes from its latest checkpoint (exact resume, see the header). `stop_at` stops the
+    running phase at that step (tests use it to interrupt). Returns the export directory, or ""
+    if a phase was stopped early.
+    """
+    base = copy.deepcopy(preset)
+    base.phases = []
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "recipe.json"), "w") as f:  # what --resume OUT reads back
+        json.dump({"command": command, "preset": preset.to_dict()}, f, indent=2)
+    record = []  # per phase: assignments, steps, wall and CPU seconds
+    for k, assignments in enumerate(preset.phases, 1):
+        p = apply_overrides(copy.deepcopy(base), assignments)
+        if k > 1:
+            p.train.init_from = os.path.join(out, f"phase-{k - 1}")
+        run = os.path.join(out, f"phase-{k}")
+        done = _last_step(run)
+        if done < p.train.steps:
+            log(f"phase {k}/{len(preset.phases)}: {' '.join(assignments) or '(the base preset)'}"
+                f" — {p.train.steps} steps, {p.model.gen.depth} blocks, in {run}", quiet)
+            train(p, run, resume=run if done else None, device=device, quiet=quiet, stop_at=stop_at,
+                  data_spec=data_spec)
+            if _last_step(run) < p.train.steps:
+                return ""
+        state = torch.load(os.path.join(find_checkpoint(run), "state.pt"), weights_only=False)
+        record.append({"phase": k, "set": assignments, "steps": p.train.steps, "depth": p.model.gen.depth,
+                       "wall_s": round(state["train_seconds"], 1), "cpu_s": round(state["cpu_seconds"], 1)})
+    return export_weights(find_checkpoint(run), os.path.join(out, "export"), p,
+                          {"command": command, "phases": record,
+                           "trained_steps": sum(r["steps"] for r in record),
+                           "wall_s": round(sum(r["wall_s"] for r in record), 1),
+                           "cpu_s": round(sum(r["cpu_s"] for r in record), 1)})
+
+
+def _last_step(run: str) -> int:
+    """The step of a run dir's latest checkpoint, 0 if it has none."""
+    steps = [d for d in os.listdir(run) if d.startswith("step-") and not d.endswith(".tmp")] if os.path.isdir(run) else []
+    return max((int(d[5:]) for d in steps), default=0)
+
+
+def export_weights(ckpt: str, dest: str, preset: Preset, recipe: dict) -> str:
+    """The checkpoint a recipe ships: `ckpt`'s EMA weights in train.export_dtype, and a
+    config.json holding the preset and the recipe (command, phases, wall time). Written to a
+    temporary directory and renamed into place."""
+    from safetensors.torch import load_file, save_file
+
+    dtype = getattr(torch, preset.train.export_dtype) if preset.train.export_dtype else None
+    weights = load_file(os.path.join(ckpt, "ema.safetensors"))
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(weights, os.path.join(tmp, "ema.safetensors"))
+    config = preset.to_dict()
+    config["train"]["init_from"] = ""  # the exported weights stand alone
+    config["recipe"] = recipe
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
 
 
 GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two circles", "three squares",
@@ -1232,7 +1328,9 @@ def parse_args(argv=None):
                    help="start from these weights only (the previous stage's run dir or checkpoint): fresh optimiser, step 0")
     p.add_argument("--latents", default=None, metavar="DIR",
                    help="Wan latent cache dir (python data.py --latents DIR ...): read z0 instead of encoding images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded by exports
+    return args
 
 
 def main(args) -> int:
@@ -1243,11 +1341,21 @@ def main(args) -> int:
     if restarted and not args.resume and os.path.isdir(run_dir) and any(
             d.startswith("step-") and not d.endswith(".tmp") for d in os.listdir(run_dir)):
         args.resume = run_dir
+    recipe = os.path.join(args.resume or "", "recipe.json")
+    if args.resume and os.path.isfile(recipe):  # a phased run (train_phases): continue all of it
+        with open(recipe) as f:
+            recipe = json.load(f)
+        torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+        export = train_phases(Preset.from_dict(recipe["preset"]), args.resume, recipe["command"], args.device, args.data)
+        print(f"done: {export} holds the exported checkpoint")
+        return 0
     if args.resume:
         with open(os.path.join(find_checkpoint(args.resume), "config.json")) as f:
             preset = Preset.from_dict(json.load(f))
     else:
         preset = get_preset(args.preset)
+        if args.steps is not None:  # --steps: the base setting alone, not the preset's phases
+            preset.phases = []
     if getattr(args, "stage", None):
         if not args.resume:
             preset = stage_preset(preset, args.stage)
@@ -1279,6 +1387,12 @@ def main(args) -> int:
     out = args.out or (args.resume if args.resume and not os.path.exists(os.path.join(args.resume, "config.json"))
                        else os.path.join("runs", args.preset + (f"-stage{args.stage}" if args.stage else "")))
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    if preset.phases and not args.resume:
+        if os.path.exists(os.path.join(out, "recipe.json")):
+            raise ValueError(f"{out} already holds a phased run: continue it with --resume {out}, or choose another --out")
+        export = train_phases(preset, out, args.command, args.device, args.data)
+        print(f"done: {export} holds the exported checkpoint")
+        return 0
     train(preset, out, resume=args.resume, device=args.device, data_spec=args.data, features=args.features,
           latents=args.latents)
     if torch.distributed.is_initialized():

@@ -10,7 +10,7 @@ import torch
 import train
 from gen_tower import GenConfig
 from router import RouterConfig
-from train import PRESETS, build_model, count, dry_run, get_preset, load_checkpoint, lr_at, save_checkpoint
+from train import PRESETS, apply_overrides, build_model, count, dry_run, get_preset, load_checkpoint, lr_at, save_checkpoint
 
 
 @pytest.mark.parametrize("name, gen, router", [
@@ -390,3 +390,61 @@ def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_o
     too_deep.model.gen.depth = 7
     with pytest.raises(ValueError, match="can grow a 3-block tower to 4..6 blocks, not 7"):
         train.init_weights(build_model(too_deep.model), ckpt)
+
+
+def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
+    """A recipe in phases (the toy's form, here 2 → 3 blocks): phase 2 starts from phase 1's EMA
+    grown by one block; the export holds the last EMA in bf16 and a config.json that records the
+    command and each phase; it loads for sampling; and a run interrupted mid-phase-2, continued
+    by calling again (what `--resume runs/toy` does), exports the very same weights."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    p = tiny_preset(steps=2)
+    p.train.export_dtype = "bfloat16"
+    p.phases = [[], ["model.gen.depth=3", "train.steps=3", "train.seed=1"]]
+    export = train.train_phases(p, str(tmp_path / "full"), "python train.py --preset tiny", quiet=True)
+    weights = load_file(os.path.join(export, "ema.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert "gen.blocks.2.out.weight" in weights and "gen.blocks.3.out.weight" not in weights
+    with open(os.path.join(export, "config.json")) as f:
+        config = json.load(f)
+    recipe = config["recipe"]
+    assert recipe["command"] == "python train.py --preset tiny" and recipe["trained_steps"] == 5
+    assert [r["depth"] for r in recipe["phases"]] == [2, 3] and all(r["wall_s"] > 0 for r in recipe["phases"])
+    model, preset, _ = load_checkpoint(export)
+    assert preset.model.gen.depth == 3 and preset.train.init_from == ""
+    # phase 2 really started from phase 1: its first checkpoint's copied block is block 1's
+    grown = load_file(str(tmp_path / "full" / "phase-2" / "step-000002" / "ema.safetensors"))
+    assert set(grown) == set(weights)
+
+    part = train.train_phases(p, str(tmp_path / "part"), "python train.py --preset tiny", quiet=True, stop_at=1)
+    assert part == ""  # phase 1 stopped at step 1 of 2: nothing exported
+    assert not os.path.exists(tmp_path / "part" / "export")
+    again = train.train_phases(p, str(tmp_path / "part"), "python train.py --preset tiny", quiet=True, stop_at=2)
+    assert again == ""  # phase 1 finished, phase 2 stopped at step 2 of 3
+    again = train.train_phases(p, str(tmp_path / "part"), "python train.py --preset tiny", quiet=True)
+    resumed = load_file(os.path.join(again, "ema.safetensors"))
+    for k, v in weights.items():
+        assert torch.equal(resumed[k], v), k
+
+
+def test_toy_preset_is_one_command(tmp_path, monkeypatch):
+    """`python train.py --preset toy` runs the toy's phases (6 → 12 → 18 blocks, exported in
+    bf16); `--steps N` trains the base setting alone; a finished or started phased run is
+    continued with --resume, not overwritten."""
+    p = get_preset("toy")
+    depths = [apply_overrides(copy.deepcopy(p), a).model.gen.depth for a in p.phases]
+    assert depths == [6, 12, 18] and p.train.export_dtype == "bfloat16"
+    calls = []
+    monkeypatch.setattr(train, "train_phases", lambda preset, out, command, *a, **k: calls.append(
+        ("phases", len(preset.phases), out, command)) or "x")
+    monkeypatch.setattr(train, "train", lambda preset, out, **k: calls.append(("train", preset.train.steps, out)))
+    out = str(tmp_path / "toy")
+    assert train.main(train.parse_args(["--preset", "toy", "--out", out])) == 0
+    assert train.main(train.parse_args(["--preset", "toy", "--out", out, "--steps", "7"])) == 0
+    assert calls == [("phases", 3, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
+    os.makedirs(out)
+    open(os.path.join(out, "recipe.json"), "w").write("{}")
+    with pytest.raises(ValueError, match="already holds a phased run: continue it with --resume"):
+        train.main(train.parse_args(["--preset", "toy", "--out", out]))
