@@ -1,4 +1,4 @@
-"""Data for MoS: the embedded ShapesWorld (DESIGN.md §5).
+"""Data for MoS: the embedded ShapesWorld (docs/design.md §13).
 
 ShapesWorld is a procedural text–image world small enough to train a toy MoS on a laptop
 CPU in minutes, yet rich enough to measure what the paper measures with GenEval (Tab. 1:
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 ########################################################################################
-#                                 ShapesWorld (DESIGN §5)                              #
+#                                 ShapesWorld (docs/design.md §13)                            #
 ########################################################################################
 
 # ---------------------------------------------------------------- the world's vocabulary
 
-# DESIGN §5, exactly. Six well-separated colours; yellow is the closest to white (distance
+# docs/design.md §13.1, exactly. Six well-separated colours; yellow is the closest to white (distance
 # ~242), which sets how light an anti-aliased edge pixel can be and still count as an object.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -55,7 +55,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 WHITE = (255, 255, 255)
 
 # No training image, caption or edit ever contains these (colour, shape) pairs; benchmark
-# prompts that ask for them measure compositional generalisation (DESIGN §5 "Held out").
+# prompts that ask for them measure compositional generalisation (docs/design.md §13.3).
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("cyan", "circle")})
 # The (colour, shape) pairs training may use, in a fixed order so sampling is reproducible.
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
@@ -64,10 +64,10 @@ TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
 
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
-MAX_OBJECTS = 4  # DESIGN §5: 1–4 objects per image
+MAX_OBJECTS = 4  # docs/design.md §13.2: 1–4 objects per image
 
 # A position caption is true when the first object's centre is more than this fraction of S
-# beyond the second's along the named axis (DESIGN §5; GenEval uses a similar margin).
+# beyond the second's along the named axis (docs/design.md §13.5; GenEval uses a similar margin).
 POSITION_MARGIN = 0.1
 # Training scenes for position captions use a wider margin than the benchmark checks, so the
 # relation is never a near-tie the model has to learn to the pixel. Still true by the rule above.
@@ -120,7 +120,7 @@ WORLDS: dict[str, World] = {
 # benchmark templates alone say little about. Sums to 1.
 # Two-object captions got 0.20 (from 0.08, taken from single objects and colours, which the
 # toy had solved, and from scenes) for the toy's last 4000 steps, aimed at its largest failure,
-# shape binding across two objects. A control with the old mix scored the same (README, "More
+# shape binding across two objects. A control with the old mix scored the same (docs/experiments.md §7, "More
 # two-object captions"), so the mix is not shown to matter; it stays because the shipped
 # weights were last trained on it. Steps 0-12000 used 0.08 / 0.08 / 0.12 / 0.20 for
 # single / two / colours / scene.
@@ -165,7 +165,7 @@ class Obj:
 
 
 def size_range(size: int) -> tuple[int, int]:
-    """Allowed bounding-box sides (inclusive): ceil(0.25·S) … floor(0.375·S) (DESIGN §5)."""
+    """Allowed bounding-box sides (inclusive): ceil(0.25·S) … floor(0.375·S) (docs/design.md §13.2)."""
     if size < 16:
         raise ValueError(f"ShapesWorld needs a canvas of at least 16 pixels; got {size}.")
     return math.ceil(0.25 * size), math.floor(0.375 * size)
@@ -374,7 +374,7 @@ def mentions_held_out(spec: dict) -> bool:
 
 
 def caption_for_spec(spec: dict) -> str:
-    """The words for a spec — the six benchmark templates of DESIGN §5, lowercase, exactly."""
+    """The words for a spec — the six benchmark templates of docs/design.md §13.5, lowercase, exactly."""
     kind = spec["kind"]
     if kind == "single_object":
         return f"a {spec['shape']}"
@@ -425,7 +425,7 @@ def sample_spec(rng: np.random.Generator, kind: str) -> dict:
     if kind == "position":
         return {"kind": kind, "shapes": _two_distinct(rng, SHAPES), "relation": relation}
     if kind == "color_attr":
-        while True:  # distinct shapes and distinct colours (DESIGN §5)
+        while True:  # distinct shapes and distinct colours (docs/design.md §13.5)
             a, b = _two_distinct(rng, TRAIN_PAIRS)
             if a[0] != b[0] and a[1] != b[1]:
                 return {"kind": kind, "objects": [list(a), list(b)]}
@@ -535,10 +535,10 @@ def holds(spec: dict, objs, size: int, exact: bool = False) -> bool:
 # "a circle and a square" is true whichever side the circle is on, so with a random mention
 # order the two objects of one caption are interchangeable and nothing tells a small model
 # which of them should take which shape: its most common failure was drawing both with one
-# shape (README, "Where the failures are"). A fixed order gives each object an identity (the
+# shape (docs/experiments.md §10). A fixed order gives each object an identity (the
 # first named is the top/left one). Still true of every image, and benchmark prompts are
 # unchanged; position captions keep their order, since their relation word already says it.
-# Measured against a random-order control (README, "Captions in reading order"): colour
+# Measured against a random-order control (docs/experiments.md §7): colour
 # attribution 0.31 -> 0.47, overall 0.607 -> 0.644 after the same 2000-step fine-tune.
 READING_ORDER_KINDS: tuple[str, ...] = ("two_object", "color_attr")
 
@@ -664,14 +664,14 @@ def _moved_to_edge(o: Obj, edge: str, size: int) -> Obj:
 
 
 def sample_edit(rng: np.random.Generator, size: int = 32, kind: str | None = None) -> Edit:
-    """A random edit (DESIGN §5 "Edits"). The object named is the only one of its colour and
+    """A random edit (docs/design.md §13.6). The object named is the only one of its colour and
     shape in the source; every other object keeps its exact place. Never uses held-out pairs."""
     if kind is None:
         kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
     if kind not in EDIT_KINDS:
         raise ValueError(f"Unknown edit kind {kind!r}; expected one of {EDIT_KINDS}.")
     for _ in range(1000):
-        # Sources and targets both hold 1–4 objects (DESIGN §5): "add" starts from at most
+        # Sources and targets both hold 1–4 objects (docs/design.md §13.6): "add" starts from at most
         # three, "remove" from at least two.
         n = int(rng.integers(2 if kind == "remove" else 1, MAX_OBJECTS + (kind != "add")))
         source = random_scene(rng, size, n)

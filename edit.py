@@ -1,7 +1,7 @@
 """Image editing with a trained MoS-Edit checkpoint: reference image + instruction → edited image.
 
 Paper Sec. 3.4 and Fig. 4 (MoS-Edit inference), App. B.5 (the reference image goes to both
-towers). DESIGN §3.9, §6 (CLI contract).
+towers). docs/design.md §10, §15.3 (CLI contract).
 
     python edit.py img.png "make the red circle blue"                    # → edited.png
     python edit.py img.png "remove the blue square" --out out.png --seed 3 --cfg 4

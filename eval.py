@@ -1,4 +1,4 @@
-"""The ShapesWorld benchmark (DESIGN.md §5): a detector, GenEval-style scoring, edit accuracy.
+"""The ShapesWorld benchmark (docs/design.md §13.7): a detector, GenEval-style scoring, edit accuracy.
 
 The paper reports text-to-image quality on GenEval (Tab. 1), whose six categories — single
 object, two objects, counting, colours, position, colour attribution — are scored by running
@@ -400,7 +400,7 @@ def score(records: list[dict]) -> dict:
 #                                    Edit accuracy                                      #
 ########################################################################################
 
-EDIT_TOLERANCE = 0.2  # DESIGN §5: each object within 0.2·S of its place
+EDIT_TOLERANCE = 0.2  # docs/design.md §13.6: each object within 0.2·S of its place
 
 
 def edit_benchmark(seed: int = 0, per_kind: int = 20, size: int = 32) -> list[dict]:
@@ -437,7 +437,7 @@ def edit_correct(target_objs, detected, size: int) -> bool:
 def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int = 0, steps: int | None = None,
                    cfg: float | None = None, cfg_interval=None, batch_size: int = 100, device="cpu",
                    save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Edit accuracy (DESIGN §5): render each benchmark source scene, edit it with the model
+    """Edit accuracy (docs/design.md §13.6): render each benchmark source scene, edit it with the model
     (edit.py's machinery), detect the objects of the result, and count the edit only if the
     detected scene equals the target scene (`edit_correct`). Edit i uses noise seed seed + i.
 
@@ -511,7 +511,7 @@ def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2
 #                            Command line: python eval.py                               #
 ########################################################################################
 # Generates the benchmark images with a checkpoint (sample.py / edit.py) and prints the
-# scores above as JSON (DESIGN §6).
+# scores above as JSON (docs/design.md §15.4).
 
 
 def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_prompt: int = 2, seed: int = 0,

@@ -10,7 +10,7 @@ Neighbours: `train.py` calls `sample_t`, `add_noise`, `velocity_target`, `flow_l
 generation tower (`gen_tower.py`) predicts the velocity; `sample.py` / `edit.py` / `eval.py`
 build a `sampling_schedule` and call `euler_sample` with the model wrapped as `model_fn(z, t)`.
 
-THE flow convention (DESIGN.md §3.7; everything in the repository follows it):
+THE flow convention (docs/design.md §8.1; everything in the repository follows it):
     t in [0, 1]; t = 0 is data, t = 1 is noise.
     z_t = (1 - t) z0 + t z1,          z1 ~ N(0, I)                 (Eq. 1, a straight line)
     v   = dz_t/dt = z1 - z0                                         (the regression target)

@@ -1,7 +1,7 @@
 """The generation tower G, its image codec, and the whole MoS model (Eq. 1, Algorithm 1).
 
 Paper Sec. 3.3 (how the routed states enter G), App. A (QK-norm, modality-specific norms,
-4 registers, no timestep embedding), Algorithms 1–2. DESIGN §3.5, §3.6, §3.8.
+4 registers, no timestep embedding), Algorithms 1–2. docs/design.md §6, §7, §9.
 
 G is a plain DiT-style transformer over image patches. What makes it MoS:
 
@@ -23,14 +23,14 @@ Data flow of one MoS forward pass (`MoS.forward`, Alg. 1 lines 5–14):
                     x = block_j(x, ctx_j)
     x ─► drop registers ─► RMSNorm ─► Linear (zero-init) ─► unpatchify ─► v̂ (B, C, h, w)
 
-MoS-Edit (Sec. 3.4, Fig. 4; DESIGN §3.9), models built with `GenConfig.ref`: the clean
+MoS-Edit (Sec. 3.4, Fig. 4; docs/design.md §10), models built with `GenConfig.ref`: the clean
 reference image's tokens (same patch embedding + a learned type embedding, the target's own 2D
 RoPE positions, never noised) join the stream as [registers; target; reference] (B, R+2N, D_g).
 They are queries too, so they carry on block to block; only the N target tokens reach the head,
 so the loss never sees the reference. With `ref=None` the pass is exactly the text-to-image one.
 
 The codec ("the decoder of G", Alg. 2 l.18) maps images to the space the flow runs in:
-pixels for the toy presets, Wan 2.2 VAE latents for the full presets (DESIGN §3.8).
+pixels for the toy presets, Wan 2.2 VAE latents for the full presets (docs/design.md §9).
 
 Glossary:
   B batch · L context tokens · N image tokens (= h/p · w/p) · R registers · m und. states
@@ -69,7 +69,7 @@ class GenConfig:
     # white) is far easier to predict than v, which carries the full noise; the toy uses "x".
     prediction: str = "v"
     t_min: float = 0.05  # floor on t in (z_t - ẑ0) / t, so v̂ stays bounded near the data end
-    # MoS-Edit (Sec. 3.4, Fig. 4; DESIGN §3.9): the tower also takes the clean reference image's
+    # MoS-Edit (Sec. 3.4, Fig. 4; docs/design.md §10): the tower also takes the clean reference image's
     # tokens. A config flag rather than a parameter every model has, so a text-to-image model
     # (and every checkpoint saved before MoS-Edit existed) has exactly the weights it had, and
     # its config.json — which lacks this key — rebuilds it with the default False and loads
@@ -408,7 +408,7 @@ class WanVAECodec(nn.Module):
     """Wan 2.2 VAE through diffusers' `AutoencoderKLWan`, kept in fp32 (App. A).
 
     Images are single-frame videos (B, 3, 1, H, W). Latents are normalised per channel with
-    the VAE's published mean/std so the flow sees roughly unit-variance inputs (DESIGN §3.8).
+    the VAE's published mean/std so the flow sees roughly unit-variance inputs (docs/design.md §9).
     """
 
     def __init__(self, vae: nn.Module):

@@ -2,7 +2,7 @@
 
 Paper Sec. 3.2 (router input/output space, lightweight design, sparsity and ε-greedy),
 Eq. 3 (softmax over the m understanding states), Eq. 4 (the top-k weighted sum), and
-Algorithm 1 lines 5–11. DESIGN §3.2–3.4 fixes the details the paper leaves open.
+Algorithm 1 lines 5–11. docs/design.md §3–§5 records the details the paper leaves open.
 
 How it fits:
 
@@ -81,7 +81,7 @@ def route(logits: torch.Tensor, k: int, eps: float = 0.0, generator: torch.Gener
     The softmax runs over the LAST axis, the m understanding states, separately for every
     (sample, token, generation block) — one column w_{1:m, j} of the paper's m×n matrix.
 
-    ε-greedy (Sec. 3.2, DESIGN §3.4): independently for each (sample, token, block), with
+    ε-greedy (Sec. 3.2, docs/design.md §5): independently for each (sample, token, block), with
     probability ε the k indices are k *distinct* uniformly random states instead of the top-k.
     Either way the weights are the softmax values at the chosen indices, NOT renormalised
     (Eq. 4 uses w̄_ij as is), so gradient reaches the router through them — and only through

@@ -2,7 +2,7 @@
 
 Paper Algorithm 2 (inference), Sec. 4.1 / Fig. 7 (latency breakdown), App. B.6 (steps, CFG,
 rescale, linear-quadratic schedule), App. B.7 / Fig. 14 (router visualisation).
-DESIGN §6 (CLI contract).
+docs/design.md §15.2 (CLI contract).
 
     python sample.py "a red circle to the left of a blue square"          # → sample.png
     python sample.py "three squares" --seed 3 --cfg 5 --out three.png

@@ -1,7 +1,7 @@
 """Train MoS: the preset zoo, the training loop, checkpoints and exact resume.
 
 Paper App. A (optimiser, schedule, ε-greedy, k), Sec. 3.5 (staged training), Algorithm 1.
-DESIGN §3.10 (training), §4 (presets), §6 (CLI).
+docs/design.md §11 (training), §12 (presets), §15.1 (CLI).
 
     python train.py --preset toy                       # ShapesWorld on a laptop CPU
     python train.py --preset toy --steps 200 --out runs/try
@@ -207,12 +207,11 @@ def _toy_edit() -> Preset:
     p = _toy()
     p.phases = []  # one run
     p.model.gen.ref = True
-    # The shipped toy grew from 6 to 9 to 12 to 18 blocks (README "Growing the tower"), so the edit
-    # model that starts from it has 18 too; the shipped toy_edit checkpoint predates that (6 blocks,
-    # its own config.json says so).
+    # The toy's recipe ends at 18 blocks, so the edit model that starts from it has 18 too
+    # (the tower's shape must match the weights it starts from).
     p.model.gen.depth = 18
-    # 1100 steps of 32: ~2.3-3 s/step on one busy CPU core, about an hour (the shipped checkpoint
-    # ran this and then four warm restarts to step 9400; README "Training the shipped checkpoint").
+    # 1100 steps of 32, a short fine-tune: the text-to-image weights already draw every scene,
+    # and edit training teaches the tower to read the reference tokens (docs/experiments.md §13).
     p.train = TrainConfig(steps=1100, batch_size=32, lr=5e-4, lr_min=5e-5, warmup=50, ema_decay=0.995,
                           log_every=25, sample_every=0, ckpt_every=200,
                           init_from=os.path.join("checkpoints", "toy", "ema.safetensors"))

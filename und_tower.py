@@ -10,11 +10,11 @@ per generation block, which k of these m states to mix (Eq. 3-4). U is pre-train
 (Sec. 3.1: "the parameters of the pre-trained understanding tower U are frozen"), so this file
 is only a hook: tokenise, run the model once without gradients, stack the states.
 
-What we fixed where the paper is open (DESIGN.md §3.1):
+What we fixed where the paper is open (docs/design.md §2):
   * S_0 is the tower's input embeddings and S_i the output of layer i, so m = layers + 1 --
     exactly the tuple that `output_hidden_states=True` returns. For LLaMA/Qwen decoders HF puts
     the final RMSNorm on the last entry, so S_{m-1} is the normed output of the last layer.
-  * S_0 is also the router's c input (DESIGN §3.2: "U's shared projection", the embedding
+  * S_0 is also the router's c input (docs/design.md §3: "U's shared projection", the embedding
     matrix), exposed as `TowerOutput.embeds`.
   * For a VLM, the states are those of its language model; the image tokens the processor
     inserts are part of the sequence L, just like text tokens.
@@ -175,7 +175,7 @@ class UnderstandingTower(nn.Module):
         enc = self._encode(texts, images)
         if images is None and enc["input_ids"].shape[1] >= self.max_length:  # some row hit the limit
             self._warn_if_truncated(texts)
-        # Caption dropout feeds "" for CFG's unconditional branch (DESIGN §3.7). BERT makes that
+        # Caption dropout feeds "" for CFG's unconditional branch (docs/design.md §8.2). BERT makes that
         # [CLS][SEP] and LLaMA-3 <|begin_of_text|>, but a tokenizer that adds no special tokens
         # makes it zero tokens, an all-padding row the attention cannot handle. Stand in a lone
         # bos (or eos) for such rows, so every context has L >= 1 real tokens.
@@ -208,7 +208,7 @@ class UnderstandingTower(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# MoS-Edit: what U reads for an edit (Sec. 3.4, Fig. 4, App. B.5; DESIGN §3.9)
+# MoS-Edit: what U reads for an edit (Sec. 3.4, Fig. 4, App. B.5; docs/design.md §10)
 
 
 def to_pil(images) -> list:

@@ -1,6 +1,6 @@
 """Where a toy training step's time goes on a CPU, per batch size — and what torch.compile buys.
 
-Not a paper figure: this backs the README's "What 20 minutes buys". At a fixed wall-clock
+Not a paper figure: this backs docs/experiments.md §3–§4 (batch size, step cost). At a fixed wall-clock
 budget a smaller batch buys more optimizer steps only while a step's cost scales with the batch;
 once fixed per-step costs (Python, dispatch, hundreds of small kernels, the optimizer, the EMA)
 dominate, halving the batch stops halving the step and the lever becomes those costs (fused

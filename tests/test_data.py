@@ -1,4 +1,4 @@
-"""Tests for data.py — ShapesWorld (DESIGN §5): the world's rules, caption truth, held-out
+"""Tests for data.py — ShapesWorld (docs/design.md §13): the world's rules, caption truth, held-out
 pairs, determinism and exact resume, and edit triplets."""
 
 import itertools
@@ -96,7 +96,7 @@ def test_render_rejects_objects_off_the_canvas_and_unknown_names():
 
 # ------------------------------------------------------------------ captions
 
-# DESIGN §5's six templates, written out independently of data.caption_for_spec (test_eval
+# docs/design.md §13.5's six templates, written out independently of data.caption_for_spec (test_eval
 # uses them too).
 BENCHMARK_PATTERNS = {
     "single_object": r"a (circle|square|triangle)",
@@ -145,7 +145,7 @@ def test_scene_captions_name_every_object_with_its_place():
 def test_and_captions_name_their_objects_in_reading_order():
     # "a circle and a square" is as true with the circle on the right, but a fixed mention
     # order (top row first, then left to right, as in scene captions) tells the model which
-    # object is which: the symmetry breaker for the shape-binding failure (README).
+    # object is which: the symmetry breaker for the shape-binding failure (docs/experiments.md §7).
     rng = np.random.default_rng(4)
     seen = set()
     for _ in range(600):
@@ -287,7 +287,7 @@ def test_edit_batch_is_deterministic():
 
 
 def test_caption_kind_follows_a_patched_caption_mix(monkeypatch):
-    # Experiments (README "More two-object captions") patch data.CAPTION_MIX alone; the draw
+    # Experiments (docs/experiments.md §7) patch data.CAPTION_MIX alone; the draw
     # must read the dict itself, not a table cached at import.
     mix = {k: 0.0 for k in data.CAPTION_MIX} | {"counting": 1.0}
     monkeypatch.setattr(data, "CAPTION_MIX", mix)

@@ -1,5 +1,5 @@
 """Tests for eval.py — the detector is validated on rendered ground truth (must be 100%) and
-on blank and noise images (must be ~0), as DESIGN §5 asks; then the scoring arithmetic and
+on blank and noise images (must be ~0), as docs/design.md §13.7 asks; then the scoring arithmetic and
 edit accuracy."""
 
 import itertools
@@ -11,10 +11,10 @@ import pytest
 import data
 import eval as evaluation  # a bare `eval` would shadow the builtin
 from data import Obj
-from test_data import BENCHMARK_PATTERNS  # DESIGN §5's six templates, written out independently
+from test_data import BENCHMARK_PATTERNS  # docs/design.md §13.5's six templates, written out independently
 
 S = 32
-# Blank and noise images may pass at most this fraction of prompts ("near 0", DESIGN §5).
+# Blank and noise images may pass at most this fraction of prompts ("near 0", docs/design.md §13.7).
 CHANCE_CEILING = 0.02
 
 
