@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flow import euler_sample, sampling_schedule
 
@@ -216,62 +216,81 @@ def print_profile(p: dict):
 #################################################################################
 
 
-def heat(values: np.ndarray, cell: int = 14) -> Image.Image:
-    """A 2-D array → white-to-dark-blue heat map, each value a cell×cell square (row max = darkest)."""
-    v = values / max(values.max(), 1e-12)
-    rgb = np.stack([255 - 225 * v, 255 - 195 * v, 255 - 35 * v], -1).astype(np.uint8)  # (r, c, 3)
-    return Image.fromarray(rgb).resize((values.shape[1] * cell, values.shape[0] * cell), Image.NEAREST)
+def plot_map(values: np.ndarray, path: str, *, title: str, ylabel: str, yticks: list[str], xlabel: str,
+             xticks: list[str]):
+    """One routing map as a labelled heat map with a colour scale, written atomically.
 
+    values (rows, cols) are routing weights w̄ (Eq. 3's softmax over the m states), so the
+    colour scale starts at 0. matplotlib is imported here: only figures need it.
+    """
+    import matplotlib
 
-def labelled(img: Image.Image, title: str, left: list[str] | None = None, margin: int = 120) -> Image.Image:
-    """Put a title above and optional row labels to the left of an image."""
-    lm = margin if left else 4
-    canvas = Image.new("RGB", (max(img.width + lm + 4, lm + 7 * len(title)), img.height + 22), "white")
-    d = ImageDraw.Draw(canvas)
-    d.text((lm, 4), title, fill="black")
-    canvas.paste(img, (lm, 20))
-    if left:
-        rh = img.height / len(left)
-        for i, s in enumerate(left):
-            d.text((4, 20 + i * rh + rh / 2 - 5), s[:18], fill="black")
-    return canvas
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * cols, 1.2 + 0.28 * rows), dpi=150)
+    im = ax.imshow(values, cmap="Blues", vmin=0.0, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(cols), xticks)
+    ax.set_yticks(range(rows), yticks, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="routing weight w̄")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path + ".tmp", format="png", bbox_inches="tight")
+    plt.close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def router_viz(model, tower, codec, prompt: str, preset, outdir: str, *, steps, cfg, seed=0, at_step=0, device="cpu"):
-    """Writes trajectory.png, layers_over_steps.png, tokens_x_layers.png (and their data as JSON)."""
+    """The router's choices for one prompt, as in App. B.7 / Fig. 14, written to outdir:
+
+    trajectory.png        the denoising trajectory, ~8 frames from noise to image
+    layers_over_steps.png t × layers: the mean routing weight of each state S_i at each step
+                          (averaged over generation blocks and real context tokens)
+    tokens_x_layers.png   context tokens × layers at step `at_step` (averaged over blocks)
+    blocks_x_layers.png   generation blocks × layers at step `at_step` (averaged over tokens):
+                          the paper's m×n routing matrix, transposed
+    router.json           the numbers behind the three maps
+    Returns the first two maps: (T, m) and (L, m).
+    """
     if model.cfg.router.mode in ("last", "hand"):
         raise ValueError("this checkpoint uses static routing: there is no router to visualise")
     trace = {}
     generate(model, tower, codec, [prompt], preset, seed=seed, steps=steps, cfg=cfg, device=device, trace=trace)
     os.makedirs(outdir, exist_ok=True)
-    # Row 1: the denoising trajectory, ~8 frames from noise to image.
     traj = trace["trajectory"]
     pick = np.linspace(0, len(traj) - 1, min(8, len(traj))).round().astype(int)
-    frames = to_uint8(torch.cat([traj[i][:1] for i in pick]))
+    save_grid(to_uint8(torch.cat([traj[i][:1] for i in pick])), os.path.join(outdir, "trajectory.png"),
+              ncol=len(pick), scale=4)
     ts = trace["timesteps"]
-    save_grid(frames, os.path.join(outdir, "trajectory.png"), ncol=len(pick), scale=4)
-    # Row 2: mean routing weight of each understanding layer at each step (softmax, Eq. 3,
-    # averaged over generation blocks and real context tokens) — steps × m.
-    tokens = tower.tower.processor.tokenize(prompt) if hasattr(tower.tower.processor, "tokenize") else None
     _, mask = tower([prompt])
-    real = mask[0]
-    weights = [lg[0][real].softmax(-1).mean(dim=(0, 1)).numpy() for lg in trace["logits"]]  # each (m,)
-    per_step = np.stack(weights)  # (T, m)
-    step_labels = [f"t={float(t):.2f}" for t in ts[:-1]]
-    keep = np.linspace(0, len(per_step) - 1, min(12, len(per_step))).round().astype(int)
-    img = labelled(heat(per_step[keep]), "mean routing weight per und. layer (cols: S_0..S_m-1)",
-                   [step_labels[i] for i in keep])
-    atomic_save(img, os.path.join(outdir, "layers_over_steps.png"))
-    # Row 3: per-token × layer map at one step (averaged over generation blocks) — L × m.
-    at = min(at_step, len(trace["logits"]) - 1)
-    tok = trace["logits"][at][0][real].softmax(-1).mean(dim=1).numpy()  # (L, m)
+    real = mask[0]  # (L,) the prompt's tokens, padding excluded
+    probs = [lg[0][real].float().softmax(-1) for lg in trace["logits"]]  # T × (L, n, m)
+    m = probs[0].shape[-1]
+    layers = [f"S$_{{{i}}}$" for i in range(m)]
+    per_step = torch.stack([p.mean(dim=(0, 1)) for p in probs]).numpy()  # (T, m)
+    at = min(at_step, len(probs) - 1)
+    tok = probs[at].mean(dim=1).numpy()  # (L, m)
+    blocks = probs[at].mean(dim=0).numpy()  # (n, m)
+    tokens = tower.tower.processor.tokenize(prompt) if hasattr(tower.tower.processor, "tokenize") else None
     names = (["[CLS]"] + list(tokens) + ["[SEP]"]) if tokens and len(tokens) + 2 == tok.shape[0] else \
         [f"token {i}" for i in range(tok.shape[0])]
-    img = labelled(heat(tok), f"routing weight per token at step {at} (t={float(ts[at]):.2f})", names)
-    atomic_save(img, os.path.join(outdir, "tokens_x_layers.png"))
+    understanding = "understanding state (S$_0$ = embeddings)"
+    plot_map(per_step, os.path.join(outdir, "layers_over_steps.png"), xlabel=understanding, xticks=layers,
+             ylabel="denoising step t (1 = noise)", yticks=[f"{float(t):.2f}" for t in ts[:-1]],
+             title=f"mean routing weight over blocks and tokens\n\"{prompt}\"")
+    plot_map(tok, os.path.join(outdir, "tokens_x_layers.png"), xlabel=understanding, xticks=layers,
+             ylabel="context token", yticks=names,
+             title=f"routing weight per token at t = {float(ts[at]):.2f} (mean over blocks)")
+    plot_map(blocks, os.path.join(outdir, "blocks_x_layers.png"), xlabel=understanding, xticks=layers,
+             ylabel="generation block j", yticks=[str(j) for j in range(blocks.shape[0])],
+             title=f"routing weight per block at t = {float(ts[at]):.2f} (mean over tokens)")
     with open(os.path.join(outdir, "router.json"), "w") as f:
         json.dump({"prompt": prompt, "timesteps": [float(t) for t in ts[:-1]], "layers_over_steps": per_step.tolist(),
-                   "tokens": names, "tokens_x_layers": tok.tolist(), "at_step": at}, f)
+                   "tokens": names, "tokens_x_layers": tok.tolist(), "blocks_x_layers": blocks.tolist(),
+                   "at_step": at}, f)
     return per_step, tok
 
 
@@ -283,8 +302,8 @@ def router_viz(model, tower, codec, prompt: str, preset, outdir: str, *, steps, 
 def load_everything(ckpt: str, device="cpu"):
     """Checkpoint → (model, memoised tower, codec, preset)."""
     from gen_tower import load_codec
-    from train import TowerMemo, load_checkpoint
-    from und_tower import load_tower
+    from checkpoint import load_checkpoint
+    from und_tower import TowerMemo, load_tower
 
     model, preset, _ = load_checkpoint(ckpt, which="ema", device=device)
     dtype = getattr(torch, preset.train.tower_dtype) if getattr(preset.train, "tower_dtype", "") else None
@@ -378,8 +397,8 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
+    from checkpoint import read_preset
     from gen_tower import check_count, check_size
-    from train import read_preset
 
     if args.prompt is None and args.prompts is None:
         raise ValueError("give a prompt, or --prompts FILE")

@@ -81,8 +81,17 @@ def test_profile_and_router_viz(loaded, tmp_path):
     assert per_step.shape == (3, 7) and np.allclose(per_step.sum(1), 1, atol=1e-5)  # softmax over m
     L = int(tower(["a red circle"])[1].sum())
     assert tok.shape == (L, 7) and np.allclose(tok.sum(1), 1, atol=1e-5)
-    for f in ("trajectory.png", "layers_over_steps.png", "tokens_x_layers.png", "router.json"):
+    for f in ("trajectory.png", "layers_over_steps.png", "tokens_x_layers.png", "blocks_x_layers.png", "router.json"):
         assert os.path.getsize(tmp_path / f) > 0
+    saved = json.loads((tmp_path / "router.json").read_text())
+    blocks = np.array(saved["blocks_x_layers"])  # (n, m) at step 0, mean over the real tokens
+    assert blocks.shape == (preset.model.gen.depth, 7) and np.allclose(blocks.sum(1), 1, atol=1e-5)
+    assert np.allclose(blocks.mean(0), tok.mean(0), atol=1e-5)  # both are the (token, block) mean at step 0
+    assert np.allclose(per_step[0], tok.mean(0), atol=1e-5)
+    # A figure, not a bare array: axes, tick labels and a colour bar widen the map well beyond
+    # one cell per value.
+    heat = Image.open(tmp_path / "layers_over_steps.png")
+    assert heat.width > 300 and heat.height > 200
     traj = Image.open(tmp_path / "trajectory.png")
     assert traj.width > traj.height  # one row of frames, noise → image
 
