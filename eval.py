@@ -582,8 +582,12 @@ def main(args) -> int:
 
     import torch
 
+    from gen_tower import check_count
     from sample import DEFAULT_CKPT, load_everything
 
+    # Counts first, one line each, before any weights load.
+    for flag in ("steps", "batch_size", "images_per_prompt", "per_category", "per_kind"):
+        check_count("--" + flag.replace("_", "-"), getattr(args, flag))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.edit:
         return main_edit(args, device)
@@ -617,8 +621,6 @@ def main_edit(args, device) -> int:
 
     from edit import DEFAULT_EDIT_CKPT, load_edit_model
 
-    if args.per_kind < 1:
-        raise ValueError(f"--per-kind must be at least 1; got {args.per_kind}.")
     model, tower, codec, preset = load_edit_model(args.ckpt or DEFAULT_EDIT_CKPT, device)
     scores, records = evaluate_edits(model, tower, codec, preset, per_kind=args.per_kind, seed=args.seed,
                                      steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,

@@ -3,6 +3,7 @@ on blank and noise images (must be ~0), as docs/design.md §13.7 asks; then the 
 edit accuracy."""
 
 import itertools
+import os
 import re
 
 import numpy as np
@@ -308,3 +309,15 @@ def test_edit_correct_tolerance_and_matching():
     assert not evaluation.edit_correct([a, b], [a], S)
     assert not evaluation.edit_correct([a], [a, Obj(evaluation.UNKNOWN, "red", 24.0, 24.0, 8.0)], S)
     assert not evaluation.edit_correct([a], [Obj("circle", "blue", 8.0, 8.0, 8.0)], S)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--images-per-prompt", "--per-category", "--per-kind"])
+def test_eval_cli_rejects_non_positive_counts_in_one_line(flag):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "eval.py", flag, "0", "--ckpt", "/nonexistent"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {flag} must be a positive integer, got 0"  # before any weights load
