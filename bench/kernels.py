@@ -51,7 +51,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H200": 4800,
             "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
 
-# mos_s generation tower (train.py PRESETS["mos_s"]): D_g = 3072, 24 heads, m = 33 states.
+# mos_s generation tower (presets.py PRESETS["mos_s"]): D_g = 3072, 24 heads, m = 33 states.
 WIDTH, HEADS, STATES, TOKENS = 3072, 24, 33, 4096
 DEVICE = "cuda"
 

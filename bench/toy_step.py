@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import load_codec  # noqa: E402
 from und_tower import load_tower  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile happens here)")
     p.add_argument("--compile-batch", type=int, default=8, help="also time torch.compile at this batch (0: skip)")
     args = p.parse_args(argv)
-    preset = train.PRESETS["toy"]()
+    preset = presets.PRESETS["toy"]()
     und, codec = load_tower(preset.model.tower), load_codec(preset.model.codec)
     print(f"`python bench/toy_step.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
           f"· torch {torch.__version__} · {torch.get_num_threads()} threads · toy preset, random weights\n")

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import codec_shape  # noqa: E402
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
-    preset = train.get_preset(args.preset)
+    preset = presets.get_preset(args.preset)
     tokens = train.image_tokens(preset.model, preset.model.image_size)
     flops = model_flops(preset, args.batch, args.context)
     sizes = train.dry_run(preset)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import presets
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,9 +33,9 @@ STEPS, BATCH = 4, 4
 
 
 def tiny_preset(micro_batch=0, sample_every=0):
-    p = train.get_preset("toy")
+    p = presets.get_preset("toy")
     p.train.steps, p.train.batch_size = STEPS, BATCH
-    train.apply_overrides(p, TINY + [f"train.sample_every={sample_every}", f"train.micro_batch={micro_batch}"])
+    presets.apply_overrides(p, TINY + [f"train.sample_every={sample_every}", f"train.micro_batch={micro_batch}"])
     return p
 
 
@@ -157,7 +158,7 @@ def test_per_sample_draws_do_not_depend_on_the_batch_or_its_padding():
 
 
 def test_memory_estimate_shards_states_and_checkpointing_cuts_activations():
-    p = train.get_preset("mos_s")
+    p = presets.get_preset("mos_s")
     m1, m8 = train.memory_estimate(p, 1, False, micro_batch=8), train.memory_estimate(p, 8, False, micro_batch=8)
     assert m1["params_grads_adam_ema"] == pytest.approx(8 * m8["params_grads_adam_ema"])
     # 20 bytes per trained parameter (fp32 weights, grads, 2 Adam moments, EMA) on one GPU
@@ -187,7 +188,7 @@ def test_real_data_shards_are_the_rows_of_the_global_batch(tmp_path):
         w = 48 if i % 2 else 32  # two aspect ratios → two buckets
         Image.new("RGB", (w, 32), (40 * i, 255 - 40 * i, 7 * i)).save(tmp_path / f"im{i}.png")
         (tmp_path / f"im{i}.txt").write_text(f"picture {i}")
-    batch_fn = train.make_data(str(tmp_path), train.get_preset("toy").model, seed=0)  # ImageCaptionData.batch
+    batch_fn = train.make_data(str(tmp_path), presets.get_preset("toy").model, seed=0)  # ImageCaptionData.batch
     assert isinstance(batch_fn.__self__, data.ImageCaptionData)
     for step in range(4):
         images, caps = batch_fn(step, 4)

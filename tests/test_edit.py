@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import presets
 import train
 from gen_tower import GenConfig, ModelConfig, MoS
 from router import RouterConfig
@@ -136,7 +137,7 @@ def test_pre_edit_checkpoint_still_loads(tmp_path):
 
 def test_training_step_passes_a_clean_reference_and_leaves_t2i_alone():
     cfg = tiny_cfg()
-    preset = train.get_preset("toy_edit")
+    preset = presets.get_preset("toy_edit")
     preset.model = cfg
     model = MoS(cfg, in_channels=3)
     seen = {}
@@ -178,15 +179,15 @@ def test_init_weights_from_a_t2i_checkpoint(tmp_path):
 
 
 def test_toy_edit_preset():
-    p = train.get_preset("toy_edit")
-    toy = train.get_preset("toy")
+    p = presets.get_preset("toy_edit")
+    toy = presets.get_preset("toy")
     assert p.model.gen.ref and not toy.model.gen.ref
     assert p.train.init_from.endswith(os.path.join("toy", "ema.safetensors"))
     shipped = os.path.join(ROOT, "checkpoints", "toy", "config.json")
     if not os.path.exists(shipped):
         pytest.skip("no shipped toy checkpoint")
     with open(shipped) as f:
-        toy.model = train.Preset.from_dict(json.load(f)).model
+        toy.model = presets.Preset.from_dict(json.load(f)).model
     # the same model as the shipped toy (grown to 18 blocks), plus reference tokens, and it
     # loads the shipped weights (only the reference type embedding starts fresh)
     edit = train.build_model(p.model)
@@ -261,7 +262,7 @@ def test_edit_kinds_and_templates_match_design():
 
 
 def test_make_data_for_edit_presets_and_t2i_mixing():
-    p = train.get_preset("toy_edit")
+    p = presets.get_preset("toy_edit")
     b = train.make_data("shapesworld", p.model, seed=0)(3, 4)
     src, instr, tgt = data.edit_batch(0, 12, 4, S)
     assert torch.equal(b[0], tgt) and b[1] == instr and torch.equal(b[2], src)  # (targets, instructions, refs)
@@ -304,7 +305,7 @@ def test_edit_jsonl_reader_and_batches(tmp_path):
 @pytest.fixture(scope="module")
 def edit_ckpt(tmp_path_factory):
     """A tiny toy_edit checkpoint (MiniLM tower, random weights) saved the way train.py saves."""
-    p = train.get_preset("toy_edit")
+    p = presets.get_preset("toy_edit")
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=8, prediction="x", ref=True)
     p.model.router = RouterConfig(dim=16, heads=2)
     p.train.sample_steps, p.train.cfg = 2, 2.0

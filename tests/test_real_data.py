@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import presets
 import train
 from gen_tower import GenConfig
 from router import RouterConfig
@@ -89,7 +90,7 @@ def test_feature_cache_roundtrip_and_training_without_the_tower(tmp_path, monkey
     assert torch.allclose(memo[captions[3]], ref.states[0, :L].float(), rtol=1e-3, atol=1e-4)
 
     # Training on 2 steps of batch 4 (examples 0..7, caption dropout draws "") reads only the cache.
-    p = train.get_preset("toy")
+    p = presets.get_preset("toy")
     p.model.gen, p.model.router = GenConfig(dim=32, depth=2, heads=2, patch_size=8), RouterConfig(dim=16, heads=2)
     p.train.steps, p.train.batch_size, p.train.ckpt_every, p.train.sample_every = 2, 4, 2, 0
 

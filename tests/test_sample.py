@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from gen_tower import GenConfig
+from presets import get_preset
 from router import RouterConfig
-from train import TowerMemo, build_model, get_preset, save_checkpoint
+from train import build_model, save_checkpoint, TowerMemo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import presets
 import train
 from gen_tower import GenConfig, MoS, WanVAECodec, apply_rope, patchify, rope_2d, unpatchify
 from router import RouterConfig
@@ -69,7 +70,7 @@ def write_images(folder, sizes):
 def test_full_presets_carry_the_paper_recipe_and_tower_sizes(name, tower, nominal):
     from und_tower import tower_param_count, tower_shape
 
-    p = train.get_preset(name)
+    p = presets.get_preset(name)
     m, t = p.model, p.train
     assert m.tower == tower and (m.und_states, m.und_dim) == tower_shape(tower)
     # the tower's language model, on meta from its published config, is the paper's size
@@ -100,20 +101,20 @@ def test_tower_param_count_minilm_equals_the_loaded_model():
 
 
 def test_stage_presets_set_resolution_sampler_and_budget():
-    base = train.get_preset("mos_s")
+    base = presets.get_preset("mos_s")
     want = {1: (512, "logit_normal", 1.0, 400_000), 2: (1024, "mode", 3.0, 400_000),
             3: (1024, "mode", 3.0, 50_000), 4: (2048, "mode", 3.0, 50_000)}
     for stage, (size, sampler, shift, steps) in want.items():
-        p = train.stage_preset(base, stage)
+        p = presets.stage_preset(base, stage)
         assert (p.model.image_size, p.train.t_sampler, p.train.t_shift, p.train.steps) == (size, sampler, shift, steps)
         assert p.train.stage == stage and p.train.mode_scale == 0.8 and p.train.lr == 1e-4
         assert p.model.gen == base.model.gen and p.model.router == base.model.router  # same weights fit every stage
         assert f"stage {stage}" in p.about
     assert base.model.image_size == 512 and base.train.stage == 1  # a copy: the base is untouched
     with pytest.raises(ValueError, match="--stage must be one of 1, 2, 3, 4"):
-        train.stage_preset(base, 5)
+        presets.stage_preset(base, 5)
     with pytest.raises(ValueError, match="full presets"):
-        train.stage_preset(train.get_preset("toy"), 2)
+        presets.stage_preset(presets.get_preset("toy"), 2)
 
 
 def test_cli_stage_and_init_from_set_the_preset(tmp_path, capsys):
@@ -125,7 +126,7 @@ def test_cli_stage_and_init_from_set_the_preset(tmp_path, capsys):
     assert [r[:3] for r in rows] == [["1", "512²", "256"], ["2", "1024²", "1024"], ["3", "1024²", "1024"],
                                      ["4", "2048²", "4096"]]
     # a stage-1 checkpoint resumes as stage 1 only; stage 2 is a new run that --init-from's it
-    p = train.stage_preset(train.get_preset("ablation"), 1)
+    p = presets.stage_preset(presets.get_preset("ablation"), 1)
     p.model.gen, p.model.router = GenConfig(dim=32, depth=2, heads=2), RouterConfig(dim=16, heads=2)
     train.save_checkpoint(str(tmp_path), 1, train.build_model(p.model), train.build_model(p.model), p, state=None)
     with pytest.raises(ValueError, match=r"--resume continues the checkpoint's own stage \(1\)"):
@@ -141,7 +142,7 @@ def test_cli_stage_and_init_from_set_the_preset(tmp_path, capsys):
 
 def test_flops_estimate_counts_the_router_exactly_on_a_tiny_config():
     """FlopCounterMode's router count equals the matmul FLOPs written out by hand."""
-    p = train.get_preset("toy")
+    p = presets.get_preset("toy")
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=4)
     p.model.router = RouterConfig(dim=16, heads=2, t_freq_dim=8)
     L, size = 5, (32, 48)  # non-square: 8 × 12 patches
@@ -158,7 +159,7 @@ def test_flops_estimate_counts_the_router_exactly_on_a_tiny_config():
 
 
 def test_mos_s_router_is_at_most_3_percent_of_a_step_at_1024():
-    est = train.flops_estimate(train.stage_preset(train.get_preset("mos_s"), 2), 1024)
+    est = train.flops_estimate(presets.stage_preset(presets.get_preset("mos_s"), 2), 1024)
     assert est["image_tokens"] == 1024
     assert 0.01 < est["router_share"] <= 0.03, est
 
@@ -169,7 +170,7 @@ def test_mos_s_router_is_at_most_3_percent_of_a_step_at_1024():
 
 
 def test_wan_path_images_to_tokens_and_back_for_a_non_square_bucket():
-    p = train.get_preset("mos_s")
+    p = presets.get_preset("mos_s")
     codec = WanVAECodec(tiny_wan_vae())
     x = torch.rand(2, 3, 64, 96) * 2 - 1  # a 2:3 bucket
     z = codec.encode(x)  # normalised fp32 latents
@@ -272,7 +273,7 @@ def test_data_cli_builds_a_latent_cache_and_rejects_bad_requests(tmp_path, monke
 def scaled_down(name: str, stage: int, image_size: int, **train_fields):
     """The full preset at `stage`, with a tiny generation tower / router for the m = 3, D = 32
     tiny towers and a CPU-sized resolution. Tower name, codec, tower dtype, sampler stay."""
-    p = train.stage_preset(train.get_preset(name), stage)
+    p = presets.stage_preset(presets.get_preset(name), stage)
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=2)
     p.model.router = RouterConfig(dim=16, heads=2, k=2, eps=0.05)
     p.model.und_states, p.model.und_dim, p.model.image_size = 3, 32, image_size
@@ -385,7 +386,7 @@ def test_self_cot_rewrites_with_the_tower_lm_and_the_rewrite_is_encoded(tmp_path
     assert all(r and r != p for r, p in zip(rewritten, prompts))
 
     # sample.py --self-cot: the rewrite, not the user's prompt, is what U encodes
-    p = train.get_preset("toy")
+    p = presets.get_preset("toy")
     p.model.tower, p.model.und_states, p.model.und_dim = "llama-3.2-3b", 3, 32
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=8)
     p.model.router = RouterConfig(dim=16, heads=2)

@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 
+import presets
 import train
 from gen_tower import GenConfig
+from presets import apply_overrides, get_preset
 from router import RouterConfig
-from train import PRESETS, apply_overrides, build_model, count, dry_run, get_preset, load_checkpoint, lr_at, save_checkpoint
+from train import build_model, count, dry_run, load_checkpoint, lr_at, save_checkpoint
 
 
 @pytest.mark.parametrize("name, gen, router", [
@@ -210,7 +212,7 @@ def test_checkpoints_record_their_world(tmp_path, minilm, monkeypatch):
     for name, world in (("toy", "shapesworld"), ("mos_s", "")):
         d = get_preset(name).to_dict()
         del d["train"]["world"]
-        assert train.Preset.from_dict(d).train.world == world
+        assert presets.Preset.from_dict(d).train.world == world
 
 
 def test_checkpoint_roundtrip_and_corrupt_checkpoint_errors(tmp_path):
@@ -235,7 +237,7 @@ def test_checkpoint_roundtrip_and_corrupt_checkpoint_errors(tmp_path):
 
 
 def test_set_overrides_change_typed_fields_and_reject_typos():
-    from train import apply_overrides
+    from presets import apply_overrides
 
     p = apply_overrides(get_preset("toy"), ["model.gen.depth=8", "train.lr=2e-3", "train.betas=0.9,0.99",
                                             "model.router.mode=last"])
