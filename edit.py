@@ -117,8 +117,9 @@ def read_edits(path: str) -> list[tuple[str, str]]:
 
 def load_edit_model(ckpt: str, device="cpu"):
     """sample.load_everything for an edit checkpoint; a text-to-image one is a clear error."""
+    from checkpoint import find_checkpoint
+    from presets import Preset
     from sample import load_everything
-    from train import Preset, find_checkpoint
 
     try:  # look before loading the tower: a wrong checkpoint fails in a blink
         with open(os.path.join(find_checkpoint(ckpt), "config.json")) as f:

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+import checkpoint  # noqa: E402
 import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import load_codec  # noqa: E402
@@ -38,7 +39,7 @@ def time_steps(preset, batch, steps, warmup, und, codec, compiled=False):
     """→ dict of mean ms per step for each part, over `steps` steps after `warmup`."""
     torch.manual_seed(0)
     tower = train.TowerMemo(und)  # empty: every setting encodes its own captions, as a run does
-    model = train.build_model(preset.model).train()
+    model = checkpoint.build_model(preset.model).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fwd = torch.compile(model) if compiled else model  # the weights stay `model`'s
     opt, fused = train.make_optimizer(model, preset.train), train.make_optimizer(model, preset.train, fused=True)

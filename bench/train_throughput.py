@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoint  # noqa: E402
 import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import codec_shape  # noqa: E402
@@ -58,7 +59,7 @@ def model_flops(preset, batch: int, context_len: int) -> int:
     """Matmul + attention FLOPs of one training step (forward + backward) on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = train.build_model(preset.model, device="meta").train()
+    model = checkpoint.build_model(preset.model, device="meta").train()
     z_t, t, states, mask, target = inputs(preset, batch, context_len, "meta")
     with FlopCounterMode(display=False) as counter:
         v = model(z_t, t, states, mask, eps=preset.model.router.eps)
@@ -76,7 +77,7 @@ def bench(preset, batch: int, steps: int, warmup: int, context_len: int, act_ckp
         dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     torch.manual_seed(0)
-    model = train.shard_model(train.build_model(preset.model, device="meta"), act_ckpt=act_ckpt, bf16=True)
+    model = train.shard_model(checkpoint.build_model(preset.model, device="meta"), act_ckpt=act_ckpt, bf16=True)
     model.to_empty(device="cuda")
     with torch.no_grad():
         for p in model.parameters():  # any finite weights do for timing

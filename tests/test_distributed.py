@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import presets
 import train
 
@@ -211,7 +212,7 @@ def test_fsdp2_in_one_process_with_activation_checkpointing_matches_the_plain_mo
     tower = train.TowerMemo(lambda: None, memo=data.load_feature_cache(features))
     head = torch.randn(p.model.gen.patch_size ** 2 * 3, p.model.gen.dim, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(p.train.seed)
-    plain = train.build_model(p.model)
+    plain = checkpoint.build_model(p.model)
     with torch.no_grad():
         plain.gen.head.weight.copy_(0.02 * head)  # the zero-initialised head would stop every gradient
     ref = train.training_step(plain, batch, tower, PixelCodec(), p, 0)[0]

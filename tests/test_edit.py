@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import presets
 import train
@@ -131,7 +132,7 @@ def test_pre_edit_checkpoint_still_loads(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(cfg))
     shutil.copy(os.path.join(src, "ema.safetensors"), ckpt / "ema.safetensors")
-    model, preset, _ = train.load_checkpoint(str(ckpt))
+    model, preset, _ = checkpoint.load_checkpoint(str(ckpt))
     assert preset.model.gen.ref is False and not hasattr(model.gen, "ref_type_embed")
 
 
@@ -166,16 +167,16 @@ def test_init_weights_from_a_t2i_checkpoint(tmp_path):
     t2i = MoS(tiny_cfg(ref=False), in_channels=3)
     save_file(t2i.state_dict(), str(tmp_path / "t2i.safetensors"))
     edit = MoS(tiny_cfg(ref=True), in_channels=3)
-    train.init_weights(edit, str(tmp_path / "t2i.safetensors"))
+    checkpoint.init_weights(edit, str(tmp_path / "t2i.safetensors"))
     for k, v in t2i.state_dict().items():
         assert torch.equal(edit.state_dict()[k], v), k
     other = MoS(ModelConfig(und_states=3, und_dim=16, gen=GenConfig(dim=64, depth=2, heads=2, patch_size=4),
                             router=RouterConfig(dim=16, heads=2)), in_channels=3)
     save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="cannot initialise"):
-        train.init_weights(edit, str(tmp_path / "other.safetensors"))
+        checkpoint.init_weights(edit, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="does not exist"):
-        train.init_weights(edit, str(tmp_path / "nope.safetensors"))
+        checkpoint.init_weights(edit, str(tmp_path / "nope.safetensors"))
 
 
 def test_toy_edit_preset():
@@ -190,8 +191,8 @@ def test_toy_edit_preset():
         toy.model = presets.Preset.from_dict(json.load(f)).model
     # the same model as the shipped toy (grown to 18 blocks), plus reference tokens, and it
     # loads the shipped weights (only the reference type embedding starts fresh)
-    edit = train.build_model(p.model)
-    train.init_weights(edit, os.path.join(ROOT, p.train.init_from))
+    edit = checkpoint.build_model(p.model)
+    checkpoint.init_weights(edit, os.path.join(ROOT, p.train.init_from))
     p.model.gen.ref = False
     assert p.model == toy.model
 
@@ -310,9 +311,9 @@ def edit_ckpt(tmp_path_factory):
     p.model.router = RouterConfig(dim=16, heads=2)
     p.train.sample_steps, p.train.cfg = 2, 2.0
     torch.manual_seed(0)
-    model = randomise_head(train.build_model(p.model))
+    model = randomise_head(checkpoint.build_model(p.model))
     out = tmp_path_factory.mktemp("edit_ckpt")
-    return train.save_checkpoint(str(out), 1, model, model, p, None)
+    return checkpoint.save_checkpoint(str(out), 1, model, model, p, None)
 
 
 def test_edit_cli_single_and_jsonl(edit_ckpt, tmp_path, capsys, assert_same_image):

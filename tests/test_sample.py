@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import build_model, save_checkpoint
 from gen_tower import GenConfig
 from presets import get_preset
 from router import RouterConfig
-from train import build_model, save_checkpoint, TowerMemo
+from train import TowerMemo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import presets
 import train
@@ -82,7 +83,7 @@ def test_full_presets_carry_the_paper_recipe_and_tower_sizes(name, tower, nomina
     assert 1024 <= t.batch_size <= 2048
     assert (m.codec, m.gen.patch_size, m.image_size, t.t_sampler, t.stage) == ("wan2.2", 2, 512, "logit_normal", 1)
     assert t.tower_dtype == "bfloat16" and m.gen.registers == 4
-    model = train.build_model(m, device="meta")
+    model = checkpoint.build_model(m, device="meta")
     block = model.gen.blocks[0]  # QK-norm and the modality-specific context norm exist
     assert block.q_norm is not None and block.k_norm is not None and block.norm_ctx is not block.norm1
 
@@ -128,7 +129,7 @@ def test_cli_stage_and_init_from_set_the_preset(tmp_path, capsys):
     # a stage-1 checkpoint resumes as stage 1 only; stage 2 is a new run that --init-from's it
     p = presets.stage_preset(presets.get_preset("ablation"), 1)
     p.model.gen, p.model.router = GenConfig(dim=32, depth=2, heads=2), RouterConfig(dim=16, heads=2)
-    train.save_checkpoint(str(tmp_path), 1, train.build_model(p.model), train.build_model(p.model), p, state=None)
+    checkpoint.save_checkpoint(str(tmp_path), 1, checkpoint.build_model(p.model), checkpoint.build_model(p.model), p, state=None)
     with pytest.raises(ValueError, match=r"--resume continues the checkpoint's own stage \(1\)"):
         train.main(train.parse_args(["--preset", "ablation", "--stage", "2", "--resume", str(tmp_path)]))
     with pytest.raises(SystemExit):  # argparse: not a stage
@@ -318,7 +319,7 @@ def test_one_training_step_of_each_full_preset(name, tmp_path, fake_hub):
     weights = load_file(str(tmp_path / "run" / "step-000001" / "model.safetensors"))
     assert weights["gen.head.weight"].abs().max() > 0  # zero-init head moved: the loss reached G
     torch.manual_seed(p.train.seed)
-    fresh = train.build_model(p.model)
+    fresh = checkpoint.build_model(p.model)
     assert not torch.equal(weights["router.head.weight"], fresh.router.head.weight)  # and the router
     with open(tmp_path / "run" / "step-000001" / "config.json") as f:
         assert json.load(f)["train"]["stage"] == 1
@@ -390,8 +391,8 @@ def test_self_cot_rewrites_with_the_tower_lm_and_the_rewrite_is_encoded(tmp_path
     p.model.tower, p.model.und_states, p.model.und_dim = "llama-3.2-3b", 3, 32
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=8)
     p.model.router = RouterConfig(dim=16, heads=2)
-    model = train.build_model(p.model)
-    train.save_checkpoint(str(tmp_path / "ckpt"), 1, model, model, p, state=None)
+    model = checkpoint.build_model(p.model)
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 1, model, model, p, state=None)
     encoded = []
     real_forward = UnderstandingTower.forward
 

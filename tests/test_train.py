@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import presets
 import train
+from checkpoint import build_model, load_checkpoint, save_checkpoint
 from gen_tower import GenConfig
 from presets import apply_overrides, get_preset
 from router import RouterConfig
-from train import build_model, count, dry_run, load_checkpoint, lr_at, save_checkpoint
+from train import dry_run, lr_at
 
 
 @pytest.mark.parametrize("name, gen, router", [
@@ -203,12 +205,12 @@ def test_checkpoints_record_their_world(tmp_path, minilm, monkeypatch):
     p = tiny_preset(steps=1)
     p.train.world = "something else"  # train() records what it really trained on
     train.train(p, str(tmp_path / "shapes"), quiet=True)
-    assert train.read_preset(str(tmp_path / "shapes"))[0].train.world == "shapesworld"
+    assert checkpoint.read_preset(str(tmp_path / "shapes"))[0].train.world == "shapesworld"
     for i in range(2):
         Image.new("RGB", (32, 32), (90 * i, 40, 200)).save(tmp_path / f"im{i}.png")
         (tmp_path / f"im{i}.txt").write_text(f"a photo {i}")
     train.train(tiny_preset(steps=1), str(tmp_path / "real"), quiet=True, data_spec=str(tmp_path))
-    assert train.read_preset(str(tmp_path / "real"))[0].train.world == ""
+    assert checkpoint.read_preset(str(tmp_path / "real"))[0].train.world == ""
     for name, world in (("toy", "shapesworld"), ("mos_s", "")):
         d = get_preset(name).to_dict()
         del d["train"]["world"]
@@ -270,7 +272,7 @@ def test_fused_adamw_resumes_a_for_loop_checkpoint_as_fused_with_the_same_update
     saved = copy.deepcopy(loop.state_dict())  # state_dict() and load_state_dict() share the moments
     before = [p.detach().clone() for p in x]
     fused = train.make_optimizer(model, cfg, fused=True)
-    train.keep_optimizer_kind(fused, lambda: fused.load_state_dict(copy.deepcopy(saved)))
+    checkpoint.keep_optimizer_kind(fused, lambda: fused.load_state_dict(copy.deepcopy(saved)))
     assert all(g["fused"] for g in fused.param_groups)
     step(fused)
     after_fused = [p.detach().clone() for p in x]
@@ -340,7 +342,7 @@ def test_bf16_weights_load_into_the_fp32_model_and_grow(tmp_path):
     deeper = tiny_preset()
     deeper.model.gen.depth = 4
     grown = build_model(deeper.model)
-    train.init_weights(grown, ckpt)
+    checkpoint.init_weights(grown, ckpt)
     assert grown.gen.blocks[0].qkv.weight.dtype == torch.float32
     assert torch.equal(grown.gen.blocks[0].qkv.weight, loaded.gen.blocks[0].qkv.weight)
 
@@ -370,7 +372,7 @@ def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_o
             p.normal_(0, 0.2)
     ckpt = save_checkpoint(str(tmp_path), 1, model, model, small, state=None)
     grown = build_model(big.model)
-    train.init_weights(grown, ckpt)
+    checkpoint.init_weights(grown, ckpt)
     B, L, m, Du = 2, 5, small.model.und_states, small.model.und_dim
     x_t, t = torch.randn(B, 3, 32, 32), torch.tensor([0.3, 0.9])
     states, mask = torch.randn(B, L, m, Du), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -391,7 +393,7 @@ def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_o
     too_deep = tiny_preset()
     too_deep.model.gen.depth = 7
     with pytest.raises(ValueError, match="can grow a 3-block tower to 4..6 blocks, not 7"):
-        train.init_weights(build_model(too_deep.model), ckpt)
+        checkpoint.init_weights(build_model(too_deep.model), ckpt)
 
 
 def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
