@@ -19,9 +19,11 @@ What we fixed where the paper is open (docs/design.md §2):
   * For a VLM, the states are those of its language model; the image tokens the processor
     inserts are part of the sequence L, just like text tokens.
 
-Also here: `tower_param_count` (a named tower's language model sized on the meta device, for
-`train.py --dry-run`) and `self_cot` (Sec. 4.4: the tower's own LM first rewrites the prompt as a
-reasoning caption, which is then encoded and routed; `sample.py --self-cot`).
+Also here: `TowerMemo` (U behind a per-caption memo, the in-memory form of App. B.4's feature
+cache: what train.py and sample.py call), `tower_param_count` (a named tower's language model
+sized on the meta device, for `train.py --dry-run`) and `self_cot` (Sec. 4.4: the tower's own
+LM first rewrites the prompt as a reasoning caption, which is then encoded and routed;
+`sample.py --self-cot`).
 
 Neighbours: router.py consumes `TowerOutput.embeds` and `.states`; gen_tower.py projects the
 mixed states; data.py may cache `TowerOutput`s so that U is not run every step (App. B.4:
@@ -235,6 +237,63 @@ def edit_context(tower: UnderstandingTower, instructions: list[str], images) -> 
     if tower.is_vlm:
         return tower(instructions, images=to_pil(images))
     return tower(instructions)  # text-only U: the instruction only (see above)
+
+
+# -----------------------------------------------------------------------------
+# The per-caption memo: what training and sampling call instead of U itself
+
+
+class TowerMemo:
+    """The understanding tower behind a per-caption memo.
+
+    U is frozen (Sec. 3.1), so a caption's states never change: compute them once and reuse
+    them. ShapesWorld's captions repeat a lot, so training soon runs U only for the few new
+    captions of each batch — the in-memory form of the paper's producer–consumer feature
+    cache (App. B.4). `memo` can be pre-filled from an on-disk cache (data.load_feature_cache),
+    and `tower` may be a zero-argument loader: U is then only loaded if a caption is missing.
+    Returns padded (B, L, m, D) float32 states and a (B, L) bool mask.
+
+    NOTE: bounded in bytes, not items: a MiniLM caption is ~160 KB of states and ShapesWorld's
+    full-scene captions are nearly all unique, so an item cap let a 3000-step toy run reach
+    6.5 GB. Past `max_bytes`, new captions are encoded and used but not kept.
+    """
+
+    def __init__(self, tower, memo: dict | None = None, max_bytes: int = 2 << 30):
+        self._tower, self.max_bytes, self.memo = tower, max_bytes, dict(memo or {})
+        self.nbytes = sum(x.numel() * x.element_size() for x in self.memo.values())
+
+    @property
+    def tower(self):
+        if callable(self._tower) and not isinstance(self._tower, nn.Module):
+            self._tower = self._tower()  # lazy load on first miss
+        return self._tower
+
+    def __call__(self, captions: list[str], images=None):
+        # MoS-Edit: `images` are the reference images (B, 3, H, W) in [-1, 1]. A VLM tower reads
+        # image + instruction (`edit_context` above); those states depend on the image, so
+        # they bypass the per-caption memo. A text-only tower reads the instruction only, so
+        # the images are ignored and the memo serves as for text-to-image.
+        if images is not None and getattr(self.tower, "is_vlm", False):
+            out = edit_context(self.tower, list(captions), images)
+            return out.states.float(), out.mask
+        todo = sorted({c for c in captions if c not in self.memo})
+        extra = {}
+        if todo:
+            out = self.tower(todo)
+            for i, c in enumerate(todo):
+                states = out.states[i, : int(out.mask[i].sum())].float()  # (L_i, m, D) real tokens only
+                if self.nbytes + states.numel() * states.element_size() <= self.max_bytes:
+                    self.memo[c] = states
+                    self.nbytes += states.numel() * states.element_size()
+                else:
+                    extra[c] = states
+        seqs = [self.memo[c] if c in self.memo else extra[c] for c in captions]
+        L = max(x.shape[0] for x in seqs)
+        states = torch.zeros(len(seqs), L, *seqs[0].shape[1:])  # (B, L, m, D)
+        mask = torch.zeros(len(seqs), L, dtype=torch.bool)  # (B, L)
+        for i, x in enumerate(seqs):
+            states[i, : x.shape[0]], mask[i, : x.shape[0]] = x, True
+        return states, mask
 
 
 # -----------------------------------------------------------------------------

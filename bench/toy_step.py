@@ -32,13 +32,13 @@ import checkpoint  # noqa: E402
 import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import load_codec  # noqa: E402
-from und_tower import load_tower  # noqa: E402
+from und_tower import TowerMemo, load_tower  # noqa: E402
 
 
 def time_steps(preset, batch, steps, warmup, und, codec, compiled=False):
     """→ dict of mean ms per step for each part, over `steps` steps after `warmup`."""
     torch.manual_seed(0)
-    tower = train.TowerMemo(und)  # empty: every setting encodes its own captions, as a run does
+    tower = TowerMemo(und)  # empty: every setting encodes its own captions, as a run does
     model = checkpoint.build_model(preset.model).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fwd = torch.compile(model) if compiled else model  # the weights stay `model`'s

@@ -25,6 +25,7 @@ import torch
 import checkpoint
 import presets
 import train
+import und_tower
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.gen.dim=32", "model.gen.depth=2", "model.gen.heads=2", "model.gen.patch_size=8",
@@ -209,7 +210,7 @@ def test_fsdp2_in_one_process_with_activation_checkpointing_matches_the_plain_mo
 
     p = tiny_preset()
     batch = data.shapes_batch(0, 0, 4, 32)
-    tower = train.TowerMemo(lambda: None, memo=data.load_feature_cache(features))
+    tower = und_tower.TowerMemo(lambda: None, memo=data.load_feature_cache(features))
     head = torch.randn(p.model.gen.patch_size ** 2 * 3, p.model.gen.dim, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(p.train.seed)
     plain = checkpoint.build_model(p.model)

@@ -20,6 +20,7 @@ import checkpoint
 import data
 import presets
 import train
+import und_tower
 from gen_tower import GenConfig, ModelConfig, MoS
 from router import RouterConfig
 
@@ -228,7 +229,7 @@ def test_vlm_tower_reads_image_and_instruction(build):
     other = edit_context(tower, instructions, -src)
     assert (out.states - other.states).abs().max() > 1e-4
     # TowerMemo routes images to the VLM (no per-caption memo: the states depend on the image)
-    memo = train.TowerMemo(tower)
+    memo = und_tower.TowerMemo(tower)
     states, mask = memo(instructions, images=src)
     torch.testing.assert_close(states, out.states.float())
     assert torch.equal(mask, out.mask) and not memo.memo
@@ -241,8 +242,8 @@ def test_text_only_tower_reads_the_instruction_only():
     src, instr, _ = data.edit_batch(0, 0, 2, S)
     out = edit_context(tower, instr, src)
     torch.testing.assert_close(out.states, tower(instr).states)
-    states, mask = train.TowerMemo(tower)(instr, images=src)  # images ignored, memo used
-    torch.testing.assert_close(states, train.TowerMemo(tower)(instr)[0])
+    states, mask = und_tower.TowerMemo(tower)(instr, images=src)  # images ignored, memo used
+    torch.testing.assert_close(states, und_tower.TowerMemo(tower)(instr)[0])
 
 
 # ----------------------------------------------------------------- edit data

@@ -14,7 +14,7 @@ from checkpoint import build_model, save_checkpoint
 from gen_tower import GenConfig
 from presets import get_preset
 from router import RouterConfig
-from train import TowerMemo
+from und_tower import TowerMemo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
