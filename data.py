@@ -908,7 +908,7 @@ class ImageCaptionData:
         """→ images (B, 3, h, w) float32 in [-1, 1], B captions; one bucket per batch.
 
         start/count: only rows start … start+count-1 of the batch (one process's shard under
-        torchrun, train.shard_batch): the bucket and the draws are the batch's, so the shards
+        torchrun, distributed.shard_batch): the bucket and the draws are the batch's, so the shards
         of all processes together are exactly the whole batch, and each reads only its files.
         Row p reads draw p, or its spare draw B + p if that file cannot be opened."""
         import warnings

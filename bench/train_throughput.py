@@ -4,7 +4,7 @@ images/s, tokens/s, peak memory and MFU, with and without activation checkpointi
 Paper App. A (FSDP, bf16 mixed precision, activation checkpointing). Issue #4's goal: MFU ≥ 50%
 on an H100. The model is what `train.py` trains — router R + generation tower G of the
 `ablation` preset (~1B, D 2048 × 20 blocks) — sharded exactly as train.py shards it
-(`train.shard_model`: fully_shard per generation block and router block, then the root;
+(`distributed.shard_model`: fully_shard per generation block and router block, then the root;
 bf16 parameters, fp32 gradient reduction), at 512² in Wan 2.2 latent space: 16× VAE, patch 2
 → 32×32 latents → 256 image tokens (+4 registers), L = 77 context tokens of the LLaMA-3.2-3B
 tower's m = 29 states. The understanding tower and the VAE are not run (their outputs are
@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint  # noqa: E402
+import distributed  # noqa: E402
 import presets  # noqa: E402
 import train  # noqa: E402
 from gen_tower import codec_shape  # noqa: E402
@@ -77,7 +78,7 @@ def bench(preset, batch: int, steps: int, warmup: int, context_len: int, act_ckp
         dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     torch.manual_seed(0)
-    model = train.shard_model(checkpoint.build_model(preset.model, device="meta"), act_ckpt=act_ckpt, bf16=True)
+    model = distributed.shard_model(checkpoint.build_model(preset.model, device="meta"), act_ckpt=act_ckpt, bf16=True)
     model.to_empty(device="cuda")
     with torch.no_grad():
         for p in model.parameters():  # any finite weights do for timing

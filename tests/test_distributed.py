@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import checkpoint
+import distributed
 import presets
 import train
 import und_tower
@@ -194,7 +195,7 @@ def test_real_data_shards_are_the_rows_of_the_global_batch(tmp_path):
     assert isinstance(batch_fn.__self__, data.ImageCaptionData)
     for step in range(4):
         images, caps = batch_fn(step, 4)
-        parts = [train.shard_batch(batch_fn, step, 4, r * 2, 2) for r in range(2)]
+        parts = [distributed.shard_batch(batch_fn, step, 4, r * 2, 2) for r in range(2)]
         assert torch.equal(torch.cat([p[0] for p in parts]), images)
         assert parts[0][1] + parts[1][1] == caps
 
@@ -221,7 +222,7 @@ def test_fsdp2_in_one_process_with_activation_checkpointing_matches_the_plain_mo
     try:
         grads, saved = [], []
         for act_ckpt in (False, True):
-            model, _ = train.build_sharded(p, train.Dist(0, 1, "cpu", True), act_ckpt)
+            model, _ = distributed.build_sharded(p, distributed.Dist(0, 1, "cpu", True), act_ckpt)
             with torch.no_grad():
                 model.gen.head.weight.to_local().copy_(0.02 * head)  # one rank holds the whole tensor
             packed = []  # tensors autograd keeps for backward (checkpointed blocks keep their own)
