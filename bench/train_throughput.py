@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import presets  # noqa: E402
+import sizing  # noqa: E402
 import train  # noqa: E402
 from gen_tower import codec_shape  # noqa: E402
 
@@ -124,9 +125,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     preset = presets.get_preset(args.preset)
-    tokens = train.image_tokens(preset.model, preset.model.image_size)
+    tokens = sizing.image_tokens(preset.model, preset.model.image_size)
     flops = model_flops(preset, args.batch, args.context)
-    sizes = train.dry_run(preset)
+    sizes = sizing.dry_run(preset)
     print(f"{args.preset}: G {sizes['generation_tower'] / 1e9:.3f}B + R {sizes['router'] / 1e6:.1f}M parameters, "
           f"{preset.model.image_size}² → {tokens} image tokens, L = {args.context}, batch {args.batch}")
     print(f"model FLOPs per training step (fwd + bwd): {flops / 1e12:.2f} TFLOP "

@@ -25,6 +25,7 @@ import torch
 import checkpoint
 import distributed
 import presets
+import sizing
 import train
 import und_tower
 
@@ -162,11 +163,11 @@ def test_per_sample_draws_do_not_depend_on_the_batch_or_its_padding():
 
 def test_memory_estimate_shards_states_and_checkpointing_cuts_activations():
     p = presets.get_preset("mos_s")
-    m1, m8 = train.memory_estimate(p, 1, False, micro_batch=8), train.memory_estimate(p, 8, False, micro_batch=8)
+    m1, m8 = sizing.memory_estimate(p, 1, False, micro_batch=8), sizing.memory_estimate(p, 8, False, micro_batch=8)
     assert m1["params_grads_adam_ema"] == pytest.approx(8 * m8["params_grads_adam_ema"])
     # 20 bytes per trained parameter (fp32 weights, grads, 2 Adam moments, EMA) on one GPU
     assert m1["params_grads_adam_ema"] * 1024 ** 3 == pytest.approx(20 * m1["params"])
-    ck = train.memory_estimate(p, 8, True, micro_batch=8)
+    ck = sizing.memory_estimate(p, 8, True, micro_batch=8)
     assert ck["activations"] < m8["activations"] / 5 and ck["understanding_tower_bf16"] == m8["understanding_tower_bf16"]
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 import checkpoint
 import data
 import presets
+import sizing
 import train
 from gen_tower import GenConfig, MoS, WanVAECodec, apply_rope, patchify, rope_2d, unpatchify
 from router import RouterConfig
@@ -147,7 +148,7 @@ def test_flops_estimate_counts_the_router_exactly_on_a_tiny_config():
     p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=4)
     p.model.router = RouterConfig(dim=16, heads=2, t_freq_dim=8)
     L, size = 5, (32, 48)  # non-square: 8 × 12 patches
-    est = train.flops_estimate(p, size, context_len=L)
+    est = sizing.flops_estimate(p, size, context_len=L)
     N = (32 // 4) * (48 // 4)
     assert est["image_tokens"] == N == 96
     D, Dg, Du, n, m = 16, 32, p.model.und_dim, 2, p.model.und_states
@@ -160,7 +161,7 @@ def test_flops_estimate_counts_the_router_exactly_on_a_tiny_config():
 
 
 def test_mos_s_router_is_at_most_3_percent_of_a_step_at_1024():
-    est = train.flops_estimate(presets.stage_preset(presets.get_preset("mos_s"), 2), 1024)
+    est = sizing.flops_estimate(presets.stage_preset(presets.get_preset("mos_s"), 2), 1024)
     assert est["image_tokens"] == 1024
     assert 0.01 < est["router_share"] <= 0.03, est
 
@@ -177,7 +178,7 @@ def test_wan_path_images_to_tokens_and_back_for_a_non_square_bucket():
     z = codec.encode(x)  # normalised fp32 latents
     assert z.dtype == torch.float32 and z.shape == (2, 48, 4, 6)
     tokens = patchify(z, p.model.gen.patch_size)  # (B, N, p·p·C)
-    assert tokens.shape == (2, train.image_tokens(p.model, (64, 96)), 2 * 2 * 48) == (2, 6, 192)
+    assert tokens.shape == (2, sizing.image_tokens(p.model, (64, 96)), 2 * 2 * 48) == (2, 6, 192)
     assert torch.equal(unpatchify(tokens, 2, 4, 6), z)
     img = codec.decode(unpatchify(tokens, 2, 4, 6))
     assert img.shape == x.shape and img.dtype == torch.float32 and img.abs().max() <= 1

@@ -9,12 +9,14 @@ import torch
 
 import checkpoint
 import presets
+import sizing
 import train
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from gen_tower import GenConfig
 from presets import apply_overrides, get_preset
 from router import RouterConfig
-from train import dry_run, lr_at
+from sizing import dry_run
+from train import lr_at
 
 
 @pytest.mark.parametrize("name, gen, router", [
@@ -161,26 +163,26 @@ def test_check_can_train_names_what_a_full_preset_lacks(monkeypatch):
     fetch them); --features / --latents replace the tower / VAE. The toy needs nothing."""
     mos_s = get_preset("mos_s")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(train, "hub_cached", lambda repo, *files: False)
+    monkeypatch.setattr(sizing, "hub_cached", lambda repo, *files: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    train.check_can_train(get_preset("toy"), "preset toy", "cpu")
+    sizing.check_can_train(get_preset("toy"), "preset toy", "cpu")
     with pytest.raises(ValueError) as e:
-        train.check_can_train(mos_s, "preset mos_s", "cpu")
+        sizing.check_can_train(mos_s, "preset mos_s", "cpu")
     assert str(e.value) == (
         "preset mos_s needs CUDA GPUs and the weights of facebook/Perception-LM-8B and Wan-AI/Wan2.2-TI2V-5B-Diffusers; "
         "this machine has no CUDA GPU, and facebook/Perception-LM-8B and Wan-AI/Wan2.2-TI2V-5B-Diffusers are not in "
         "the local Hugging Face cache (HF_HUB_OFFLINE is set) — run `python train.py --preset toy` instead, or add "
         "`--dry-run` to size it without weights")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train, "hub_cached", lambda repo, *files: repo != "OpenGVLab/InternVL3-14B-hf")
+    monkeypatch.setattr(sizing, "hub_cached", lambda repo, *files: repo != "OpenGVLab/InternVL3-14B-hf")
     with pytest.raises(ValueError, match=r"^preset mos_l needs CUDA GPUs and the weights of OpenGVLab/InternVL3-14B-hf "
                                          r"and Wan-AI/Wan2\.2-TI2V-5B-Diffusers; OpenGVLab/InternVL3-14B-hf is not in"):
-        train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
-    train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda", features="cache/")  # no tower needed
+        sizing.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
+    sizing.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda", features="cache/")  # no tower needed
     with pytest.raises(ValueError, match="needs CUDA GPUs; --device is cpu — run"):
-        train.check_can_train(get_preset("mos_l"), "preset mos_l", "cpu", features="f/", latents="l/")
+        sizing.check_can_train(get_preset("mos_l"), "preset mos_l", "cpu", features="f/", latents="l/")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the weights can still be fetched
-    train.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
+    sizing.check_can_train(get_preset("mos_l"), "preset mos_l", "cuda")
 
 
 def test_hub_cached_reads_the_local_cache_only(tmp_path):
@@ -190,10 +192,10 @@ def test_hub_cached_reads_the_local_cache_only(tmp_path):
     (tmp_path / "models--org--tower" / "refs" / "main").write_text("abc123")
     (snap / "config.json").write_text("{}")
     kw = dict(cache_dir=str(tmp_path))
-    assert not train.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
+    assert not sizing.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
     (snap / "model.safetensors").write_bytes(b"")
-    assert train.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
-    assert not train.hub_cached("org/other", "config.json", **kw)
+    assert sizing.hub_cached("org/tower", "config.json", "model.safetensors.index.json|model.safetensors", **kw)
+    assert not sizing.hub_cached("org/other", "config.json", **kw)
 
 
 def test_checkpoints_record_their_world(tmp_path, minilm, monkeypatch):
