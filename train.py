@@ -1,7 +1,7 @@
-"""Train MoS: the preset zoo, the training loop, checkpoints and exact resume.
+"""Train MoS: the training loop of Algorithm 1, in one process or under torchrun, with exact resume.
 
-Paper App. A (optimiser, schedule, ε-greedy, k), Sec. 3.5 (staged training), Algorithm 1.
-docs/design.md §11 (training), §12 (presets), §15.1 (CLI).
+Paper Algorithm 1 (one training step), App. A (optimiser, schedule, EMA, ε-greedy, k), Sec. 3.5
+(staged training). docs/design.md §11 (training), §15.1 (CLI).
 
     python train.py --preset toy                       # ShapesWorld on a laptop CPU
     python train.py --preset toy --steps 200 --out runs/try
@@ -9,9 +9,20 @@ docs/design.md §11 (training), §12 (presets), §15.1 (CLI).
     python train.py --preset toy --set train.batch_size=8 train.compile=inductor   # compiled step (CPU: small batches)
     python train.py --preset mos_s --dry-run           # sizes on the meta device, no weights
     python train.py --preset mos_s --dry-run --world-size 8   # + per-GPU memory on 8 GPUs
-    torchrun --nproc_per_node 8 train.py --preset mos_s     # FSDP2 over 8 GPUs ("Scale-out")
+    torchrun --nproc_per_node 8 train.py --preset mos_s     # FSDP2 over 8 GPUs (distributed.py)
     torchrun --nproc_per_node 8 train.py --preset mos_s --stage 1 --data pairs.jsonl       # Sec. 3.5
     torchrun --nproc_per_node 8 train.py --preset mos_s --stage 2 --data pairs.jsonl --init-from runs/mos_s-stage1
+
+`train()` comes first and reads like a training script: config (the preset, checked, and this
+process's place in the world) → model (R + G and their EMA, AdamW) → data (U's states through a
+per-caption memo, the batches, the codec) → the loop (`training_step` per micro-batch, clip,
+step, EMA, log) → checkpoint. The helpers follow in that order. A preset with phases (the toy)
+runs `train_phases`: one `train()` per phase, then an export. The rest lives beside this file:
+    presets.py      TrainConfig, Preset, the preset zoo, the stages of Sec. 3.5, `--set`
+    checkpoint.py   build_model, step folders (save / find / load), exports, `--init-from`
+    distributed.py  torchrun, FSDP2 and DCP checkpoints, in torchtitan's order
+    sizing.py       `--dry-run` (sizes, FLOPs, memory per GPU) and "can this machine train it?"
+    und_tower.py    TowerMemo: U behind a per-caption memo;   flow.py: t, noise, target, loss
 
 One training step (Alg. 1):
     captions ─► U (frozen; memoised per caption) ─► states S (B, L, m, D_u), mask (B, L)
@@ -23,13 +34,6 @@ comes from generators seeded with (seed, s, row), and ShapesWorld example i is a
 of (seed, i). So a run resumed at step s draws exactly what the uninterrupted run drew —
 no RNG state has to be captured mid-stream for the data path; the optimiser, schedule, EMA
 and step counter are saved. The global torch RNG is saved too, for anything else.
-
-Checkpoints are directories `run/step-000500/` with model.safetensors, ema.safetensors,
-config.json (the preset, enough to rebuild the model) and state.pt (optimiser, schedule,
-step, RNG). They are written to a temporary directory and renamed into place, so a crash
-mid-write never leaves a half checkpoint behind. Under torchrun a checkpoint is instead a
-torch.distributed.checkpoint folder of every rank's shards (plus a consolidated
-ema.safetensors and config.json for sampling), which resumes on any number of processes.
 
 Glossary: B batch · L context tokens · m und. states · D_u und. width · C, h, w latent shape.
 """
@@ -48,18 +52,165 @@ import torch.nn as nn
 
 from checkpoint import (build_model, count, export_weights, find_checkpoint, init_weights, keep_optimizer_kind,
                         save_checkpoint)
-from distributed import (build_sharded, init_distributed, is_distributed_checkpoint, load_distributed_checkpoint,
+from distributed import (Dist, build_sharded, init_distributed, is_distributed_checkpoint, load_distributed_checkpoint,
                          save_distributed_checkpoint, shard_batch, use_activation_checkpointing)
 from flow import add_noise, flow_loss, loss_by_t_bins, sample_t, velocity_target
 from gen_tower import ModelConfig, check_count, check_size, codec_shape
 from presets import PRESETS, STAGES, Preset, TrainConfig, apply_overrides, get_preset, stage_preset
+from sample import generate, save_grid
 from sizing import check_can_train, print_dry_run
 from und_tower import TowerMemo
 
 
 #################################################################################
-#                          Schedule, EMA, understanding states                  #
+#                                 The training loop                             #
 #################################################################################
+
+
+def train(preset: Preset, out: str, resume: str | None = None, device="cpu", quiet=False, stop_at: int | None = None,
+          data_spec: str = "shapesworld", features: str | None = None, latents: str | None = None):
+    """The training loop, in one plain process or on every rank under torchrun (FSDP2, see
+    distributed.py). Returns the list of (step, global loss) it ran.
+
+    data_spec: "shapesworld" or a folder / .jsonl of image–caption pairs.
+    features: an on-disk understanding-feature cache (data.build_feature_cache); U is then
+    loaded only if a caption is missing from it.
+    latents: an on-disk latent cache (data.build_latent_cache) read instead of data_spec; the
+    VAE then only decodes the sample grids (App. B.4's producer–consumer, image side).
+    """
+    from tqdm import tqdm
+
+    import data
+
+    # Config: the preset, checked before anything is built, and where this process sits.
+    tcfg, mcfg = preset.train, preset.model
+    check_size(mcfg.image_size, mcfg.codec, mcfg.gen.patch_size)
+    tcfg.check()
+    tcfg.world = "" if latents or data_spec not in data.WORLDS else data_spec  # what the checkpoints record
+    dist = init_distributed(device)  # under torchrun: this rank's process group and GPU
+    device, quiet = dist.device, quiet or not dist.main  # rank 0 logs
+    B = tcfg.batch_size  # the GLOBAL batch, whatever the world size
+    if B % dist.world:
+        raise ValueError(f"the global batch {B} must be a multiple of the {dist.world} processes")
+    per_rank = B // dist.world
+    micro = tcfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.micro_batch {micro} must divide the {per_rank} rows each process trains per step")
+
+    # Model: R + G and their EMA, AdamW, the compiled forward if asked; a resume then puts back
+    # the weights, the optimiser, the step and the clocks.
+    model, ema, opt, fwd = build_training(preset, dist, resume, quiet)
+    torch.manual_seed(tcfg.seed + dist.rank)  # per-rank seed for anything not drawn per sample
+    start, spent = 0, (0.0, 0.0)  # step, and (wall, CPU) seconds this run trained before a resume
+    if resume:
+        start, spent = resume_training(resume, model, ema, opt, dist, quiet)
+
+    # Data: U behind its per-caption memo, the batch source and the codec (or the latent cache).
+    tower, batch_fn, codec = load_inputs(preset, device, data_spec, features, latents, quiet)
+    log(f"generation tower {count(model.gen) / 1e6:.2f}M · router {count(model.router) / 1e6:.2f}M", quiet)
+
+    # The loop: Algorithm 1 per micro-batch, one optimiser step per global batch.
+    os.makedirs(out, exist_ok=True)
+    end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
+    history, last_good = [], None
+    bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=quiet, dynamic_ncols=True)
+    t0, c0 = time.time() - spent[0], time.process_time() - spent[1]  # clocks that survive a resume
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tcfg)
+        first = dist.rank * per_rank  # this rank's rows of the global batch
+        batch = shard_batch(batch_fn, step, B, first, per_rank)
+        opt.zero_grad(set_to_none=True)
+        loss, per_sample, t = 0.0, [], []
+        for a in range(0, per_rank, micro):  # gradient accumulation over micro-batches
+            mb = tuple(x[a:a + micro] for x in batch)
+            n = len(mb[1])  # rows actually read (a real-data file can fail to open)
+            m_loss, m_per, m_t = training_step(fwd, mb, tower, codec, preset, step, device,
+                                               rows=range(first + a, first + a + n))
+            (m_loss * (n / per_rank)).backward()  # gradients of the mean over this rank's rows
+            loss = loss + m_loss.detach() * (n / per_rank)
+            per_sample.append(m_per)
+            t.append(m_t)
+        per_sample, t = torch.cat(per_sample), torch.cat(t)  # (per_rank,) each, for the loss-by-t log
+        if dist.enabled:  # FSDP2 averaged the gradients over ranks; average the logged loss alike
+            torch.distributed.all_reduce(loss)
+            loss = loss / dist.world
+        # Checked on the global loss, so every rank stops together (no rank left in a collective);
+        # no optimiser step is taken, so the weights stay those of the last good step.
+        if not torch.isfinite(loss):
+            msg = f"non-finite loss {loss.item()} at step {step}; stopping."
+            msg += f" The last good checkpoint is {last_good}." if last_good else " No checkpoint was written yet."
+            raise FloatingPointError(msg)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP2
+        opt.step()
+        ema_update(ema, model, tcfg.ema_decay if step > tcfg.warmup else min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        history.append((step, loss.item()))
+        if dist.main and (step % tcfg.log_every == 0 or step == end - 1):
+            bins = loss_by_t_bins(per_sample, t, bins=4)  # rank 0's rows
+            bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{gnorm:.2f}", lr=f"{lr_at(step, tcfg):.2e}")
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), "loss_by_t": bins, "grad_norm": gnorm.item(),
+                                    "lr": lr_at(step, tcfg), "elapsed_s": round(time.time() - t0, 1),
+                                    "cpu_s": round(time.process_time() - c0, 1)}) + "\n")
+        # Checkpoint: every ckpt_every steps and at the end; a sample grid every sample_every.
+        done = step + 1
+        if done % tcfg.ckpt_every == 0 or done == end:
+            last_good = save_training_checkpoint(out, done, model, ema, opt, preset, dist, (t0, c0))
+        if tcfg.sample_every and not mcfg.gen.ref and (done % tcfg.sample_every == 0 or done == end):
+            # Under FSDP2 every rank runs the (sharded) EMA forward; rank 0 writes the PNG.
+            grid = os.path.join(out, f"samples-{done:06d}.png") if dist.main else None
+            write_sample_grid(ema, tower, codec, preset, grid, device)
+    return history
+
+
+#################################################################################
+#                     Model, optimiser and schedule (App. A)                    #
+#################################################################################
+
+
+def build_training(preset: Preset, dist: Dist, resume: str | None, quiet: bool):
+    """→ (model, ema, optimiser, forward): R + G and their EMA on this process's device, or
+    FSDP2-sharded over the world (distributed.py); they start from train.init_from's weights
+    unless resuming. `forward` is what the training step calls: the model itself, or its
+    torch.compile'd form (train.compile)."""
+    tcfg, mcfg = preset.train, preset.model
+    if dist.enabled:  # FSDP2 over the world (distributed.py)
+        model, ema = build_sharded(preset, dist, use_activation_checkpointing(preset),
+                                   init_from="" if resume else tcfg.init_from)
+    else:
+        torch.manual_seed(tcfg.seed)
+        model = build_model(mcfg, dist.device).train()
+        if tcfg.init_from and not resume:  # before the EMA copy, so the EMA starts there too
+            log(f"initialised from {init_weights(model, tcfg.init_from)}", quiet)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model, tcfg, fused=not dist.enabled)
+    fwd = model  # what the training step calls; the plain module unless train.compile is set
+    if tcfg.compile:
+        if dist.enabled:
+            raise ValueError("train.compile is for single-process training; unset it under torchrun")
+        import torch._dynamo as dynamo  # `import torch._dynamo` would make `torch` a local name here
+
+        if tcfg.compile not in dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"unknown train.compile backend {tcfg.compile!r}; choose one of "
+                             f"{', '.join(dynamo.list_backends())} (or '' for eager)")
+        # One graph, compiled once: training_step hands in the ε-greedy draws and marks the
+        # caption length L dynamic (it changes batch to batch). The first step is slow.
+        fwd = torch.compile(model, backend=tcfg.compile)
+        log(f"torch.compile (backend {tcfg.compile}): the first step includes compilation", quiet)
+    return model, ema, opt, fwd
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False):
+    """AdamW (App. A). fused=True: PyTorch's one-kernel AdamW instead of the per-parameter for-loop
+    PyTorch picks on a CPU — the same update, ~3x cheaper for the toy (8.5 -> 2.8 ms a step,
+    bench/toy_step.py). train() uses it in a plain process; sharded runs keep the default."""
+    # No weight decay on gains, biases, registers and embeddings (1-D or token tables).
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "registers" not in n and "type_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "registers" not in n and "type_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                             fused=fused or None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -77,7 +228,79 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
 
 
 #################################################################################
-#                                  Training                                     #
+#                                      Data                                     #
+#################################################################################
+
+
+def load_inputs(preset: Preset, device: str, data_spec: str, features: str | None, latents: str | None, quiet: bool):
+    """→ (tower, batch_fn, codec): U behind its per-caption memo (pre-filled from a feature
+    cache, if given: U then loads only for a caption it lacks), the batch source and the codec
+    (a latent cache instead of images and the VAE's encoder, if given)."""
+    import data
+    from gen_tower import load_codec  # looked up per call: tests put in stand-ins for U and the VAE
+    from und_tower import load_tower
+
+    tcfg, mcfg = preset.train, preset.model
+    memo = data.load_feature_cache(features) if features else None
+    tower_dtype = getattr(torch, tcfg.tower_dtype) if tcfg.tower_dtype else None  # bf16 for full presets (App. A)
+    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device, dtype=tower_dtype), memo=memo)
+    if memo is None:
+        log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
+    else:
+        log(f"understanding states for {len(memo)} captions from the feature cache {features}", quiet)
+    if latents:  # z0 precomputed: the batch holds latents, the codec's encode is the identity
+        cache = data.LatentCache(latents, seed=tcfg.seed)
+        cache.check(mcfg.image_size, codec_shape(mcfg.codec)[0])
+        batch_fn, codec = cache.batch, data.PrecomputedLatentCodec(mcfg.codec)
+        log(f"{len(cache)} latents from the latent cache {latents}", quiet)
+    else:
+        batch_fn = make_data(data_spec, mcfg, tcfg.seed, tcfg.t2i_fraction)
+        codec = load_codec(mcfg.codec).to(device)
+    return tower, batch_fn, codec
+
+
+def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0):
+    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs.
+
+    Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — ShapesWorld edit
+    triplets, or a .jsonl of {"source", "instruction", "target"} — and a `t2i_fraction` of the
+    steps (drawn from (seed, step), so resume stays exact) are text-to-image pairs instead.
+    """
+    import data
+
+    if mcfg.gen.ref:
+        if spec == "shapesworld":
+            def edits(step, B):
+                src, instructions, tgt = data.edit_batch(seed, step * B, B, mcfg.image_size)
+                return tgt, instructions, src
+        else:
+            real = data.EditData(spec, mcfg.image_size, seed=seed)
+
+            def edits(step, B):
+                src, instructions, tgt = real.batch(step, B)
+                return tgt, instructions, src
+        if t2i_fraction <= 0:
+            return edits
+        if spec != "shapesworld":
+            raise ValueError("train.t2i_fraction > 0 mixes in ShapesWorld text-to-image batches; use --data shapesworld")
+
+        import numpy as np
+
+        def mixed(step, B):
+            if np.random.default_rng([seed, 9, step]).random() < t2i_fraction:
+                return data.shapes_batch(seed, step * B, B, mcfg.image_size)
+            return edits(step, B)
+        return mixed
+    if spec == "shapesworld":  # start/count: one rank's rows of the global batch (distributed.shard_batch)
+        return lambda step, B, start=0, count=None: data.shapes_batch(seed, step * B + start, B if count is None else count,
+                                                                     mcfg.image_size)
+    real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
+                                 multiple=codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size, seed=seed)
+    return real.batch
+
+
+#################################################################################
+#                        One training step (Algorithm 1)                        #
 #################################################################################
 
 
@@ -132,207 +355,74 @@ def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, devi
     return per_sample.mean(), per_sample.detach(), t
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False):
-    """AdamW (App. A). fused=True: PyTorch's one-kernel AdamW instead of the per-parameter for-loop
-    PyTorch picks on a CPU — the same update, ~3x cheaper for the toy (8.5 -> 2.8 ms a step,
-    bench/toy_step.py). train() uses it in a plain process; sharded runs keep the default."""
-    # No weight decay on gains, biases, registers and embeddings (1-D or token tables).
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "registers" not in n and "type_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "registers" not in n and "type_embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                             fused=fused or None)
+#################################################################################
+#                        Checkpoints and sample grids                           #
+#################################################################################
 
 
-def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0):
-    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs.
+def resume_training(resume: str, model, ema, opt, dist: Dist, quiet: bool) -> tuple[int, tuple[float, float]]:
+    """Load a run's latest checkpoint (or this one) into model, EMA and optimiser in place
+    → (step, (wall, CPU) seconds trained before). A DCP folder resumes on any number of
+    processes; a single-process checkpoint only in a single process."""
+    from safetensors.torch import load_file
 
-    Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — ShapesWorld edit
-    triplets, or a .jsonl of {"source", "instruction", "target"} — and a `t2i_fraction` of the
-    steps (drawn from (seed, step), so resume stays exact) are text-to-image pairs instead.
-    """
-    import data
-
-    if mcfg.gen.ref:
-        if spec == "shapesworld":
-            def edits(step, B):
-                src, instructions, tgt = data.edit_batch(seed, step * B, B, mcfg.image_size)
-                return tgt, instructions, src
-        else:
-            real = data.EditData(spec, mcfg.image_size, seed=seed)
-
-            def edits(step, B):
-                src, instructions, tgt = real.batch(step, B)
-                return tgt, instructions, src
-        if t2i_fraction <= 0:
-            return edits
-        if spec != "shapesworld":
-            raise ValueError("train.t2i_fraction > 0 mixes in ShapesWorld text-to-image batches; use --data shapesworld")
-
-        import numpy as np
-
-        def mixed(step, B):
-            if np.random.default_rng([seed, 9, step]).random() < t2i_fraction:
-                return data.shapes_batch(seed, step * B, B, mcfg.image_size)
-            return edits(step, B)
-        return mixed
-    if spec == "shapesworld":  # start/count: one rank's rows of the global batch (shard_batch)
-        return lambda step, B, start=0, count=None: data.shapes_batch(seed, step * B + start, B if count is None else count,
-                                                                     mcfg.image_size)
-    real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
-                                 multiple=codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size, seed=seed)
-    return real.batch
-
-
-def train(preset: Preset, out: str, resume: str | None = None, device="cpu", quiet=False, stop_at: int | None = None,
-          data_spec: str = "shapesworld", features: str | None = None, latents: str | None = None):
-    """The training loop, in one plain process or on every rank under torchrun (FSDP2, see
-    "Scale-out"). Returns the list of (step, global loss) it ran.
-
-    data_spec: "shapesworld" or a folder / .jsonl of image–caption pairs.
-    features: an on-disk understanding-feature cache (data.build_feature_cache); U is then
-    loaded only if a caption is missing from it.
-    latents: an on-disk latent cache (data.build_latent_cache) read instead of data_spec; the
-    VAE then only decodes the sample grids (App. B.4's producer–consumer, image side).
-    """
-    from tqdm import tqdm
-
-    import data
-    from gen_tower import load_codec
-    from und_tower import load_tower
-
-    tcfg, mcfg = preset.train, preset.model
-    check_size(mcfg.image_size, mcfg.codec, mcfg.gen.patch_size)
-    tcfg.check()
-    tcfg.world = "" if latents or data_spec not in data.WORLDS else data_spec  # what the checkpoints record
-    dist = init_distributed(device)  # under torchrun: this rank's process group and GPU
-    device, quiet = dist.device, quiet or not dist.main  # rank 0 logs
-    B = tcfg.batch_size  # the GLOBAL batch, whatever the world size
-    if B % dist.world:
-        raise ValueError(f"the global batch {B} must be a multiple of the {dist.world} processes")
-    per_rank = B // dist.world
-    micro = tcfg.micro_batch or per_rank
-    if per_rank % micro:
-        raise ValueError(f"train.micro_batch {micro} must divide the {per_rank} rows each process trains per step")
-    if dist.enabled:  # FSDP2 over the world (see "Scale-out")
-        model, ema = build_sharded(preset, dist, use_activation_checkpointing(preset),
-                                   init_from="" if resume else tcfg.init_from)
+    ckpt = find_checkpoint(resume)
+    spent = 0.0, 0.0
+    if is_distributed_checkpoint(ckpt):  # DCP, written by any number of processes
+        start = load_distributed_checkpoint(ckpt, model, ema, opt, dist)["step"]
+    elif dist.enabled:
+        raise ValueError(f"{ckpt} is a single-process checkpoint; resume it with plain `python train.py --resume`")
     else:
-        torch.manual_seed(tcfg.seed)
-        model = build_model(mcfg, device).train()
-        if tcfg.init_from and not resume:  # before the EMA copy, so the EMA starts there too
-            log(f"initialised from {init_weights(model, tcfg.init_from)}", quiet)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = make_optimizer(model, tcfg, fused=not dist.enabled)
-    fwd = model  # what the training step calls; the plain module unless train.compile is set
-    if tcfg.compile:
-        if dist.enabled:
-            raise ValueError("train.compile is for single-process training; unset it under torchrun")
-        import torch._dynamo as dynamo  # `import torch._dynamo` would make `torch` a local name here
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
+        ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
+        keep_optimizer_kind(opt, lambda: opt.load_state_dict(state["optimizer"]))
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        spent = state.get("train_seconds", 0.0), state.get("cpu_seconds", 0.0)
+    log(f"resumed from {ckpt} at step {start}", quiet)
+    return start, spent
 
-        if tcfg.compile not in dynamo.list_backends(exclude_tags=()):
-            raise ValueError(f"unknown train.compile backend {tcfg.compile!r}; choose one of "
-                             f"{', '.join(dynamo.list_backends())} (or '' for eager)")
-        # One graph, compiled once: training_step hands in the ε-greedy draws and marks the
-        # caption length L dynamic (it changes batch to batch). The first step is slow.
-        fwd = torch.compile(model, backend=tcfg.compile)
-        log(f"torch.compile (backend {tcfg.compile}): the first step includes compilation", quiet)
-    torch.manual_seed(tcfg.seed + dist.rank)  # per-rank seed for anything not drawn per sample
-    start, spent = 0, (0.0, 0.0)  # step, and (wall, CPU) seconds this run trained before a resume
-    if resume:
-        ckpt = find_checkpoint(resume)
-        if is_distributed_checkpoint(ckpt):  # DCP, written by any number of processes
-            start = load_distributed_checkpoint(ckpt, model, ema, opt, dist)["step"]
-        elif dist.enabled:
-            raise ValueError(f"{ckpt} is a single-process checkpoint; resume it with plain `python train.py --resume`")
-        else:
-            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-            from safetensors.torch import load_file
-            model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
-            ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors")))
-            keep_optimizer_kind(opt, lambda: opt.load_state_dict(state["optimizer"]))
-            torch.set_rng_state(state["torch_rng"])
-            start = state["step"]
-            spent = state.get("train_seconds", 0.0), state.get("cpu_seconds", 0.0)
-        log(f"resumed from {ckpt} at step {start}", quiet)
-    memo = data.load_feature_cache(features) if features else None
-    tower_dtype = getattr(torch, tcfg.tower_dtype) if tcfg.tower_dtype else None  # bf16 for full presets (App. A)
-    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device, dtype=tower_dtype), memo=memo)
-    if memo is None:
-        log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
-    else:
-        log(f"understanding states for {len(memo)} captions from the feature cache {features}", quiet)
-    if latents:  # z0 precomputed: the batch holds latents, the codec's encode is the identity
-        cache = data.LatentCache(latents, seed=tcfg.seed)
-        cache.check(mcfg.image_size, codec_shape(mcfg.codec)[0])
-        batch_fn, codec = cache.batch, data.PrecomputedLatentCodec(mcfg.codec)
-        log(f"{len(cache)} latents from the latent cache {latents}", quiet)
-    else:
-        batch_fn = make_data(data_spec, mcfg, tcfg.seed, tcfg.t2i_fraction)
-        codec = load_codec(mcfg.codec).to(device)
-    log(f"generation tower {count(model.gen) / 1e6:.2f}M · router {count(model.router) / 1e6:.2f}M", quiet)
-    os.makedirs(out, exist_ok=True)
-    end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
-    history, last_good = [], None
-    bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=quiet, dynamic_ncols=True)
-    t0, c0 = time.time() - spent[0], time.process_time() - spent[1]  # clocks that survive a resume
-    for step in bar:
-        fail_at = os.environ.get("MOS_TEST_FAIL_AT_STEP")  # test hook: the last rank dies once, here
-        if fail_at and step == int(fail_at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            if dist.enabled:  # rank 0 has logged every step before this one (else a slow rank 0 can be
-                torch.distributed.barrier()  # killed mid-write, and the test sees a step missing)
-            if dist.rank == dist.world - 1:
-                os._exit(17)  # like a lost GPU: no cleanup; torchrun --max-restarts restarts every worker
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        first = dist.rank * per_rank  # this rank's rows of the global batch
-        batch = shard_batch(batch_fn, step, B, first, per_rank)
-        opt.zero_grad(set_to_none=True)
-        loss, per_sample, t = 0.0, [], []
-        for a in range(0, per_rank, micro):  # gradient accumulation over micro-batches
-            mb = tuple(x[a:a + micro] for x in batch)
-            n = len(mb[1])  # rows actually read (a real-data file can fail to open)
-            m_loss, m_per, m_t = training_step(fwd, mb, tower, codec, preset, step, device,
-                                               rows=range(first + a, first + a + n))
-            (m_loss * (n / per_rank)).backward()  # gradients of the mean over this rank's rows
-            loss = loss + m_loss.detach() * (n / per_rank)
-            per_sample.append(m_per)
-            t.append(m_t)
-        per_sample, t = torch.cat(per_sample), torch.cat(t)  # (per_rank,) each, for the loss-by-t log
-        if dist.enabled:  # FSDP2 averaged the gradients over ranks; average the logged loss alike
-            torch.distributed.all_reduce(loss)
-            loss = loss / dist.world
-        # Checked on the global loss, so every rank stops together (no rank left in a collective);
-        # no optimiser step is taken, so the weights stay those of the last good step.
-        if not torch.isfinite(loss):
-            msg = f"non-finite loss {loss.item()} at step {step}; stopping."
-            msg += f" The last good checkpoint is {last_good}." if last_good else " No checkpoint was written yet."
-            raise FloatingPointError(msg)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP2
-        opt.step()
-        ema_update(ema, model, tcfg.ema_decay if step > tcfg.warmup else min(tcfg.ema_decay, (1 + step) / (10 + step)))
-        history.append((step, loss.item()))
-        if dist.main and (step % tcfg.log_every == 0 or step == end - 1):
-            bins = loss_by_t_bins(per_sample, t, bins=4)  # rank 0's rows
-            bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{gnorm:.2f}", lr=f"{lr_at(step, tcfg):.2e}")
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), "loss_by_t": bins, "grad_norm": gnorm.item(),
-                                    "lr": lr_at(step, tcfg), "elapsed_s": round(time.time() - t0, 1),
-                                    "cpu_s": round(time.process_time() - c0, 1)}) + "\n")
-        done = step + 1
-        if (done % tcfg.ckpt_every == 0 or done == end) and dist.enabled:
-            last_good = save_distributed_checkpoint(out, done, model, ema, opt, preset, dist, done * B)
-        elif done % tcfg.ckpt_every == 0 or done == end:
-            state = {"optimizer": opt.state_dict(), "step": done, "torch_rng": torch.get_rng_state(),
-                     "data_position": done * tcfg.batch_size,
-                     "train_seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
-            last_good = save_checkpoint(out, done, model, ema, preset, state)
-        if tcfg.sample_every and not mcfg.gen.ref and (done % tcfg.sample_every == 0 or done == end):
-            # Under FSDP2 every rank runs the (sharded) EMA forward; rank 0 writes the PNG.
-            grid = os.path.join(out, f"samples-{done:06d}.png") if dist.main else None
-            write_sample_grid(ema, tower, codec, preset, grid, device)
-    return history
+
+def save_training_checkpoint(out: str, done: int, model, ema, opt, preset: Preset, dist: Dist, clocks) -> str:
+    """out/step-XXXXXX/ after `done` steps: a DCP folder under torchrun, else safetensors plus
+    state.pt (optimiser, step, RNG, data position, and the wall / CPU seconds since the `clocks`
+    (t0, c0) started). Returns the folder."""
+    if dist.enabled:
+        return save_distributed_checkpoint(out, done, model, ema, opt, preset, dist, done * preset.train.batch_size)
+    t0, c0 = clocks
+    state = {"optimizer": opt.state_dict(), "step": done, "torch_rng": torch.get_rng_state(),
+             "data_position": done * preset.train.batch_size,
+             "train_seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
+    return save_checkpoint(out, done, model, ema, preset, state)
+
+
+GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two circles", "three squares",
+                "a red circle to the left of a blue square", "a yellow square and a purple circle", "a triangle"]
+
+
+def write_sample_grid(model, tower_fn, codec, preset, path, device="cpu"):
+    """The grid of GRID_PROMPTS (seed 0, 4 columns) a run draws every train.sample_every steps
+    with its EMA; `path` is None on ranks other than 0, which sample but write nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    prompts = GRID_PROMPTS
+
+    sharded = isinstance(model, FSDPModule)  # under torchrun every rank samples, in step
+    if sharded:  # project_states uses the root's weights OUTSIDE forward: gather them first
+        model.unshard()
+    try:
+        images = generate(model, tower_fn, codec, prompts, preset, seed=0, device=device)
+    finally:
+        if sharded:
+            model.reshard()
+    if path:  # None on ranks other than 0
+        save_grid(images, path, ncol=4)
+
+
+#################################################################################
+#                            Phased recipes (the toy)                           #
+#################################################################################
 
 
 def train_phases(preset: Preset, out: str, command: str, device="cpu", data_spec: str = "shapesworld",
@@ -340,11 +430,11 @@ def train_phases(preset: Preset, out: str, command: str, device="cpu", data_spec
     """Run a phased recipe (`Preset.phases`) into out/phase-1 … phase-K, then export.
 
     Phase k is an ordinary `train()` run of the preset with phase k's assignments, started from
-    phase k-1's EMA weights (grown to the phase's depth by `init_weights`). Calling this again
-    on the same `out` continues where it stopped: finished phases are skipped, an unfinished one
-    resumes from its latest checkpoint (exact resume, see the header). `stop_at` stops the
-    running phase at that step (tests use it to interrupt). Returns the export directory, or ""
-    if a phase was stopped early.
+    phase k-1's EMA weights (grown to the phase's depth by `checkpoint.init_weights`). Calling
+    this again on the same `out` continues where it stopped: finished phases are skipped, an
+    unfinished one resumes from its latest checkpoint (exact resume, see the header). `stop_at`
+    stops the running phase at that step (tests use it to interrupt). Returns the export
+    directory, or "" if a phase was stopped early.
     """
     base = copy.deepcopy(preset)
     base.phases = []
@@ -381,37 +471,14 @@ def _last_step(run: str) -> int:
     return max((int(d[5:]) for d in steps), default=0)
 
 
-GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two circles", "three squares",
-                "a red circle to the left of a blue square", "a yellow square and a purple circle", "a triangle"]
-
-
-def write_sample_grid(model, tower_fn, codec, preset, path, device="cpu"):
-    from torch.distributed.fsdp import FSDPModule
-
-    from sample import generate, save_grid  # lazy: sample.py imports this file
-
-    prompts = GRID_PROMPTS
-
-    sharded = isinstance(model, FSDPModule)  # under torchrun every rank samples, in step
-    if sharded:  # project_states uses the root's weights OUTSIDE forward: gather them first
-        model.unshard()
-    try:
-        images = generate(model, tower_fn, codec, prompts, preset, seed=0, device=device)
-    finally:
-        if sharded:
-            model.reshard()
-    if path:  # None on ranks other than 0
-        save_grid(images, path, ncol=4)
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
 
 
 def log(msg: str, quiet: bool = False):
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
-
-
-#################################################################################
-#                                      CLI                                      #
-#################################################################################
 
 
 def parse_args(argv=None):

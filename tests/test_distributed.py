@@ -1,11 +1,12 @@
 """train.py under torchrun on CPU (gloo, 2 processes): FSDP2 training, DCP checkpoints, elastic restart.
 
 One torchrun launch does most of the work (a torchrun start costs ~15 s on a busy 2-core
-machine): `torchrun --standalone --nproc_per_node 2 --max-restarts 1 train.py --preset toy`
-with a tiny model, 4 steps of global batch 4, a DCP checkpoint every 2 steps, and the test
-hook MOS_TEST_FAIL_AT_STEP=3, which kills the last worker once at step 3 — torchrun restarts
-both workers and train.py resumes from step-000002 by itself. Its log then holds step 2
-twice: once from the first life, once after the restart.
+machine): `torchrun --standalone --nproc_per_node 2 --max-restarts 1 lose_a_worker.py --preset
+toy` with a tiny model, 4 steps of global batch 4 and a DCP checkpoint every 2 steps.
+lose_a_worker.py (written by the test, `LOSE_A_WORKER`) is train.py's command line with
+`train.training_step` wrapped from the outside: the last worker dies once at step 3 —
+torchrun restarts both workers and train.py resumes from step-000002 by itself. Its log then
+holds step 2 twice: once from the first life, once after the restart.
 
 Reference runs are in-process, single-process `train.train` calls with the same preset.
 Every run reads its understanding states from one feature cache (data.build_feature_cache,
@@ -34,6 +35,37 @@ TINY = ["model.gen.dim=32", "model.gen.depth=2", "model.gen.heads=2", "model.gen
         "model.router.dim=16", "model.router.heads=2", "train.warmup=2", "train.ckpt_every=2",
         "train.log_every=1"]
 STEPS, BATCH = 4, 4
+
+# train.py's command line, with the last worker lost once at step FAIL_AT (in its first life:
+# TORCHELASTIC_RESTART_COUNT 0) — injected from the outside by wrapping train.training_step.
+LOSE_A_WORKER = """
+import inspect
+import os
+import sys
+
+sys.path.insert(0, {repo!r})
+import torch  # noqa: E402
+
+import train  # noqa: E402
+
+FAIL_AT = {step}
+real_step = train.training_step
+
+
+def training_step(*args, **kwargs):
+    step = inspect.signature(real_step).bind(*args, **kwargs).arguments["step"]
+    if step == FAIL_AT and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        # Rank 0 has logged every step before this one (else a slow rank 0 can be killed
+        # mid-write, and the test sees a step missing).
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            os._exit(17)  # like a lost GPU: no cleanup; torchrun --max-restarts restarts every worker
+    return real_step(*args, **kwargs)
+
+
+train.training_step = training_step
+sys.exit(train.main(train.parse_args()))
+"""
 
 
 def tiny_preset(micro_batch=0, sample_every=0):
@@ -69,10 +101,12 @@ def features(tmp_path_factory, minilm):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, features):
     """The 2-process torchrun run (with one lost worker); → (run dir, {step: [losses]}, output)."""
-    out = str(tmp_path_factory.mktemp("dist") / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOS_TEST_FAIL_AT_STEP="3")
+    tmp = tmp_path_factory.mktemp("dist")
+    out, launcher = str(tmp / "run"), tmp / "lose_a_worker.py"
+    launcher.write_text(LOSE_A_WORKER.format(repo=REPO, step=3))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
-           os.path.join(REPO, "train.py"), "--preset", "toy", "--steps", str(STEPS), "--batch-size", str(BATCH),
+           str(launcher), "--preset", "toy", "--steps", str(STEPS), "--batch-size", str(BATCH),
            "--out", out, "--threads", "1", "--device", "cpu", "--features", features,
            "--set", *TINY, "train.sample_every=4"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
