@@ -269,9 +269,18 @@ class GenTower(nn.Module):
             raise ValueError(f"latent size {tuple(x_t.shape[-2:])} is not divisible by the patch size {p}")
         return self.patch_embed(patchify(x_t, p))
 
-    def unembed(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Image-token stream (B, N, D_g) → v̂ (B, C, h, w)."""
-        return unpatchify(self.head(self.out_norm(x)), self.cfg.patch_size, h, w)
+    def rope(self, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """2D RoPE tables for the patch grid of an h × w latent: (N, hd/2) each."""
+        c = self.cfg
+        return rope_2d(h // c.patch_size, w // c.patch_size, c.dim // c.heads, c.rope_theta, device=device)
+
+    def velocity(self, x: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Target tokens (B, N, D_g) → v̂ (B, C, h, w). The head predicts v̂ itself, or with
+        x-prediction the clean latent ẑ0, and then v̂ = (z_t − ẑ0) / t (docs/design.md §7)."""
+        out = unpatchify(self.head(self.out_norm(x)), self.cfg.patch_size, *z_t.shape[-2:])  # (B, C, h, w)
+        if self.cfg.prediction == "x":
+            return (z_t - out) / t.clamp(min=self.cfg.t_min).view(-1, 1, 1, 1).to(out.dtype)
+        return out
 
 
 #################################################################################
@@ -295,88 +304,104 @@ class MoS(nn.Module):
             cfg.router, und_dim=cfg.und_dim, num_states=cfg.und_states, gen_dim=cfg.gen.dim, num_blocks=cfg.gen.depth
         )
 
-    def routing(self, t, tokens, states, mask, eps: float = 0.0, generator=None):
-        """R(t, c, z_t) then top-k_ε (Alg. 1 l.5–10). Returns idx, w (B, L, n, k) and the
-        logits (B, L, n, m), or None for the static baselines."""
+    def forward(self, z_t, t, states, mask, draws=None, *, ref=None, projected=None):
+        """v̂ = G(z_t, R(c, t, z_t), U(c)) — Algorithm 1 lines 5–16 (Eq. 1, 3, 4).
+
+        z_t (B, C, h, w) noisy latent · t (B,) in [0, 1] · states (B, L, m, D_u) all of U's
+        states (line 2, computed outside: U is frozen) · mask (B, L) bool, real context tokens.
+        draws: the ε-greedy draws of `routing_draws` (training), or None: plain top-k (inference).
+        ref (B, C, h, w): MoS-Edit's clean reference latent, see `add_reference`; None for
+        text-to-image. projected: `project_states(states)`, a sampling shortcut (same result).
+        """
+        B, C, h, w = z_t.shape
+        R = self.gen.cfg.registers
+        tokens = self.gen.embed(z_t)  # (B, N, D_g) S^z_1: z_t's patch tokens
+        # l.5–10: W = R(c, t, z_t); softmax over the m states; I_j = top-k_ε, for every block j.
+        idx, wts, _ = self.routing(t, tokens, states, mask, draws)  # (B, L, n, k) each
+        x = torch.cat([self.gen.registers.expand(B, -1, -1), tokens], dim=1)  # (B, R+N, D_g)
+        rope = self.gen.rope(h, w, z_t.device)  # 2D positions of the image tokens
+        if ref is not None:  # MoS-Edit: the reference's tokens join the stream, never noised
+            x, rope = self.add_reference(x, rope, ref, z_t)  # (B, R+2N, D_g)
+        states = states.to(x.dtype)  # once, not per block (a no-op when the dtypes already match)
+        for j, block in enumerate(self.gen.blocks):  # l.9
+            ctx = self.context(states, idx[:, :, j], wts[:, :, j], projected)  # l.11–12: Proj(S_j^c), (B, L, D_g)
+            x = block(x, ctx, mask, rope, R)  # l.13: block j on H_j = [Proj(S_j^c); S_j^z]
+        # l.16's loss (flow.flow_loss) compares this velocity with z1 - z0: target tokens only.
+        return self.gen.velocity(x[:, R:R + tokens.shape[1]], z_t, t)
+
+    def routing(self, t, tokens, states, mask, draws=None):
+        """R(c, t, z_t), then softmax and top-k_ε (Alg. 1 l.5–10, Eq. 3).
+
+        tokens (B, N, D_g) z_t's patch tokens; c is S_0, U's input embeddings (docs/design.md §3).
+        draws: the U(0, 1) draws of `routing_draws` (ε-greedy with router.eps), or None (top-k).
+        Returns idx, w (B, L, n, k) and the logits (B, L, n, m), or None for the static baselines.
+        """
         B, L = mask.shape
         if self.cfg.router.mode in ("last", "hand"):
             idx, w = fixed_routing(self.cfg.router.mode, B, L, self.cfg.gen.depth, self.cfg.und_states, device=mask.device)
             return idx, w, None
-        logits = self.router(t, tokens, states[:, :, 0], mask)  # (B, L, n, m); c = S_0
-        idx, w = self.router.select(logits, eps, generator)  # (B, L, n, k) each
+        logits = self.router(t, tokens, states[:, :, 0], mask)  # (B, L, n, m)
+        eps = self.cfg.router.eps if draws is not None else 0.0
+        idx, w = self.router.select(logits, eps, draws)  # (B, L, n, k) each
         return idx, w, logits
 
-    def routing_draws(self, B: int, L: int, eps: float, generator):
-        """The U(0, 1) draws `routing` would make for top-k_ε, made now: (B, L|1, n, m+1), or None
-        when it draws nothing (ε = 0, or a static baseline). Passed back as `generator=`, they give
-        the same choices as drawing inside (same generators, same order). train.py does this so a
-        compiled forward holds no per-sample generator loop, which torch.compile cannot trace."""
+    def routing_draws(self, B: int, L: int, generator=None):
+        """The ε-greedy randomness of one forward, drawn up front: U(0, 1) of shape
+        (B, L|1, n, m+1) — per (sample, token, block), m draws to pick random states and one coin
+        (router.route) — or None when nothing is drawn (router.eps = 0, or a static baseline).
+
+        `generator`: None (the global RNG), one torch.Generator, or one per sample (train.py's
+        `sample_generators`, so a sample's draws do not depend on its batch). Drawing here rather
+        than inside `forward` makes the randomness one explicit argument, and keeps a compiled
+        forward free of the per-sample generator loop that torch.compile cannot trace.
+        """
         mode = self.cfg.router.mode
-        if eps <= 0 or mode in ("last", "hand"):
+        if self.cfg.router.eps <= 0 or mode in ("last", "hand"):
             return None
         rows = 1 if mode == "sample" else L  # a sample-wise router draws once per sample
         return uniforms((B, rows, self.cfg.gen.depth, self.cfg.und_states + 1), "cpu", generator)
+
+    def context(self, states, idx, w, projected=None):
+        """Block j's context Proj(Σ_{i∈I_j} w̄_ij S_i) (Eq. 4, Alg. 1 l.11–12): (B, L, D_g).
+
+        idx, w (B, L, k) block j's choice. With `projected` (B, L, m, D_g) from `project_states`
+        the order flips — Proj, then the weighted sum, then the bias — with the same result:
+        Proj is linear, and w̄ need not sum to 1, so the bias is added once, unweighted.
+        """
+        if projected is None:  # the paper's order
+            return self.gen.ctx_proj(mix_states(states, idx, w))
+        return mix_states(projected, idx, w) + self.gen.ctx_proj.bias  # Σ w (W S) + b
 
     def project_states(self, states: torch.Tensor) -> torch.Tensor:
         """W·S_i for all m states, WITHOUT the bias: (B, L, m, D_u) → (B, L, m, D_g).
 
         Sampling calls this once per prompt; every block of every step then mixes projected
-        states (Proj is linear, so mixing and projecting commute up to the bias, which
-        `forward` adds back). Saves n·steps projections of the context.
+        states (`context`). Saves n·steps projections of the context.
         """
         return F.linear(states.to(self.gen.ctx_proj.weight.dtype), self.gen.ctx_proj.weight)
 
-    def forward(self, x_t, t, states, mask, *, eps: float = 0.0, projected: torch.Tensor | None = None,
-                generator=None, return_routing: bool = False, ref: torch.Tensor | None = None):
-        """v̂ = G(z_t, R(t, c, z_t, U(c))) — Eq. 1.
+    def add_reference(self, x, rope, ref, z_t):
+        """MoS-Edit (Sec. 3.4, Fig. 4; docs/design.md §10): append the clean reference image's
+        tokens to the stream x (B, R+N, D_g) → (B, R+2N, D_g), and their positions to rope.
 
-        x_t (B, C, h, w) noisy latent · t (B,) in [0, 1] · states (B, L, m, D_u) all U states
-        mask (B, L) bool · eps ε-greedy probability (0.05 training, 0 inference)
-        projected (B, L, m, D_g) optional output of `project_states` for the same states.
-        ref (B, C, h, w) optional CLEAN latent of the reference image (MoS-Edit, Sec. 3.4): its
-        tokens join the register/image stream, never noised, and get no output (so no loss).
+        The router reads the noisy target tokens only (as in text-to-image): what the edit needs
+        from the reference reaches it through U's context (a VLM sees the image) and reaches G
+        through these tokens. They use the same patch embedding plus their own type embedding,
+        and they are queries too (unlike the context), so each block refines them and the
+        target reads a deeper view of the source at every block. They take the SAME 2D
+        positions as the target: an edit keeps almost every pixel where it was, so "copy the
+        patch at my own position" is then the easiest attention pattern to learn (RoPE makes
+        q·k depend on the position difference, 0 there), and the type embedding alone tells
+        the two copies apart. They produce no output, so the loss never sees them.
         """
-        B, C, h, w = x_t.shape
-        gcfg = self.gen.cfg
-        tokens = self.gen.embed(x_t)  # (B, N, D_g)
-        N = tokens.shape[1]
-        # The router reads the noisy target tokens only (as in text-to-image): what the edit
-        # needs from the reference reaches it through U's context (a VLM sees the image) and
-        # reaches G through the reference tokens below.
-        idx, wts, logits = self.routing(t, tokens, states, mask, eps, generator)  # (B, L, n, k)
-        x = torch.cat([self.gen.registers.expand(B, -1, -1), tokens], dim=1)  # (B, R+N, D_g)
-        p = gcfg.patch_size
-        rope = rope_2d(h // p, w // p, gcfg.dim // gcfg.heads, gcfg.rope_theta, device=x.device)
-        if ref is not None:
-            if not gcfg.ref:
-                raise ValueError("this model has no reference-image tokens (gen.ref is False): it is a "
-                                 "text-to-image model, not an edit model")
-            if ref.shape != x_t.shape:
-                raise ValueError(f"reference latent {tuple(ref.shape)} must have the target's shape {tuple(x_t.shape)}")
-            # Reference tokens: same patch embedding, plus their own type embedding. They are
-            # queries too (unlike the context), so they are refined block to block and each
-            # block's target tokens read a deeper view of the source. They take the SAME 2D
-            # positions as the target: an edit keeps almost every pixel where it was, so "copy
-            # the patch at my own position" is then the easiest attention pattern to learn
-            # (RoPE makes q·k depend on the position difference, which is 0 there), and the
-            # type embedding alone tells the two copies apart. (An offset axis, as FLUX
-            # Kontext uses for several references, buys nothing with one reference.)
-            ref_tokens = self.gen.embed(ref.to(tokens.dtype)) + self.gen.ref_type_embed  # (B, N, D_g)
-            x = torch.cat([x, ref_tokens], dim=1)  # (B, R+2N, D_g)
-            rope = tuple(torch.cat([r, r], dim=0) for r in rope)  # (2N, hd/2): target, then reference
-        states = states.to(x.dtype)  # once, not per block (a no-op when the dtypes already match)
-        for j, block in enumerate(self.gen.blocks):
-            if projected is None:  # Eq. 4 then Proj: the paper's order
-                ctx = self.gen.ctx_proj(mix_states(states, idx[:, :, j], wts[:, :, j]))  # (B, L, D_g)
-            else:  # Proj then Eq. 4, same result: Σ w (W S) + b
-                ctx = mix_states(projected, idx[:, :, j], wts[:, :, j]) + self.gen.ctx_proj.bias  # (B, L, D_g)
-            x = block(x, ctx, mask, rope, gcfg.registers)  # (B, R+N, D_g)
-        v = self.gen.unembed(x[:, gcfg.registers:gcfg.registers + N], h, w)  # (B, C, h, w) target tokens only
-        if gcfg.prediction == "x":  # the head predicted ẑ0; v̂ = (z_t - ẑ0) / t
-            v = (x_t - v) / t.clamp(min=gcfg.t_min).view(B, 1, 1, 1).to(v.dtype)
-        if return_routing:
-            return v, {"idx": idx, "weights": wts, "logits": logits}
-        return v
+        if not self.gen.cfg.ref:
+            raise ValueError("this model has no reference-image tokens (gen.ref is False): it is a "
+                             "text-to-image model, not an edit model")
+        if ref.shape != z_t.shape:
+            raise ValueError(f"reference latent {tuple(ref.shape)} must have the target's shape {tuple(z_t.shape)}")
+        ref_tokens = self.gen.embed(ref.to(x.dtype)) + self.gen.ref_type_embed  # (B, N, D_g)
+        rope = tuple(torch.cat([r, r], dim=0) for r in rope)  # (2N, hd/2): target, then reference
+        return torch.cat([x, ref_tokens], dim=1), rope
 
 
 #################################################################################

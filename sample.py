@@ -94,13 +94,10 @@ def generate(model, tower_fn, codec, prompts: list[str], preset, *, seed: int = 
     def model_fn(z, t):
         # 2B rows [cond; uncond] on guided steps, B conditional rows outside the CFG interval.
         n = z.shape[0]
-        extra = {} if ref_z is None else {"ref": ref_z[:n]}
-        out = model(z, t, states[:n], mask[:n], eps=0.0, projected=projected[:n], return_routing=trace is not None,
-                    **extra)
-        if trace is None:
-            return out
-        v, routing = out
-        trace.setdefault("logits", []).append(routing["logits"][:B].float().cpu())  # conditional half
+        v = model(z, t, states[:n], mask[:n], ref=None if ref_z is None else ref_z[:n], projected=projected[:n])
+        if trace is not None:  # the router's logits of this step, conditional rows (the router is cheap)
+            _, _, logits = model.routing(t[:B], model.gen.embed(z[:B]), states[:B], mask[:B])
+            trace.setdefault("logits", []).append(logits.float().cpu())  # (B, L, n, m)
         return v
 
     out = euler_sample(model_fn, z1, ts, cfg=cfg, rescale=rescale, cfg_interval=cfg_interval,

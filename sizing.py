@@ -87,7 +87,7 @@ def flops_estimate(preset: Preset, size, context_len: int = 77) -> dict:
         states = torch.empty(1, context_len, mcfg.und_states, mcfg.und_dim)  # (1, L, m, D_u)
         mask = torch.ones(1, context_len, dtype=torch.bool)  # (1, L)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x_t, t, states, mask, eps=0.0)
+        model(x_t, t, states, mask)
     total = counter.get_total_flops()
     router = sum(counter.get_flop_counts().get("MoS.router", {}).values())
     return {"size": [h, w], "image_tokens": image_tokens(mcfg, (h, w)), "context_tokens": context_len,

@@ -324,7 +324,7 @@ def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, devi
     rows: the global batch rows this batch holds (default 0 … B-1: the whole batch); they
     pick the per-sample generators, see `sample_generators`.
     """
-    tcfg, mcfg = preset.train, preset.model
+    tcfg = preset.train
     # (images, captions) for text-to-image; (targets, instructions, references) for MoS-Edit.
     images, captions, refs = (*batch, None) if len(batch) == 2 else batch
     gens = sample_generators(tcfg.seed, step, range(len(captions)) if rows is None else rows)
@@ -344,12 +344,12 @@ def training_step(model, batch, tower_fn, codec, preset: Preset, step: int, devi
     states, mask = states.to(device), mask.to(device)
     # The ε-greedy draws, made here (after z1, as the model would) and handed in: a compiled
     # forward (train.compile) then has no per-sample generator loop to break its graph at.
-    draws = model.routing_draws(len(gens), mask.shape[1], mcfg.router.eps, gens)  # (B, L|1, n, m+1) or None
+    draws = model.routing_draws(len(gens), mask.shape[1], gens)  # (B, L|1, n, m+1), or None when ε = 0
     # The caption length L changes batch to batch: tell torch.compile so from the first step, or
     # it compiles for the first L and again (as long) when L first changes. A no-op in eager mode.
     for x in (states, mask) + (() if draws is None or draws.shape[1] == 1 else (draws,)):
         torch._dynamo.maybe_mark_dynamic(x, 1)
-    v = model(z_t, t, states, mask, eps=mcfg.router.eps, generator=gens if draws is None else draws, **extra)
+    v = model(z_t, t, states, mask, draws, **extra)
     # v covers the target tokens only, so the reference tokens get no loss.
     per_sample = flow_loss(v, velocity_target(z0, z1), reduction="none")  # (B,)
     return per_sample.mean(), per_sample.detach(), t

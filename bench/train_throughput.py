@@ -64,7 +64,7 @@ def model_flops(preset, batch: int, context_len: int) -> int:
     model = checkpoint.build_model(preset.model, device="meta").train()
     z_t, t, states, mask, target = inputs(preset, batch, context_len, "meta")
     with FlopCounterMode(display=False) as counter:
-        v = model(z_t, t, states, mask, eps=preset.model.router.eps)
+        v = model(z_t, t, states, mask, model.routing_draws(*mask.shape))
         (v.float() - target).pow(2).mean().backward()
     return counter.get_total_flops()
 
@@ -90,7 +90,7 @@ def bench(preset, batch: int, steps: int, warmup: int, context_len: int, act_ckp
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        v = model(z_t, t, states, mask, eps=preset.model.router.eps)
+        v = model(z_t, t, states, mask, model.routing_draws(*mask.shape))
         loss = (v.float() - target).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -60,10 +60,11 @@ def test_mos_forward_shapes_zero_init_and_routing_outputs():
     model = MoS(cfg, in_channels=3)
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
     S, mask = torch.randn(2, 5, 7, 24), torch.ones(2, 5, dtype=torch.bool)
-    v, r = model(x, t, S, mask, eps=0.0, return_routing=True)
+    v = model(x, t, S, mask)
     assert v.shape == x.shape
     assert torch.equal(v, torch.zeros_like(v))  # zero-initialised head: v̂ = 0 at step 0
-    assert r["idx"].shape == (2, 5, 3, 2) and r["logits"].shape == (2, 5, 3, 7)
+    idx, w, logits = model.routing(t, model.gen.embed(x), S, mask)
+    assert idx.shape == w.shape == (2, 5, 3, 2) and logits.shape == (2, 5, 3, 7)
 
 
 def trained_ish(cfg):
@@ -100,20 +101,27 @@ def test_routing_draws_made_beforehand_give_the_same_choices(mode):
     model = trained_ish(tiny_cfg(mode=mode, m=5, und_dim=20, depth=4))
     x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
     S, mask = torch.randn(3, 6, 5, 20), torch.ones(3, 6, dtype=torch.bool)
-    eps = 0.5  # explore often, so a mismatch in the draws would show in the indices
-    inside = model(x, t, S, mask, eps=eps, generator=sample_generators(0, 7, range(3)), return_routing=True)
-    draws = model.routing_draws(3, 6, eps, sample_generators(0, 7, range(3)))
-    before = model(x, t, S, mask, eps=eps, generator=draws, return_routing=True)
-    assert torch.equal(inside[0], before[0]) and torch.equal(inside[1]["idx"], before[1]["idx"])
+    model.cfg.router.eps = 0.5  # explore often, so a mismatch in the draws would show in the indices
+    tokens = model.gen.embed(x)
+    # Reference: route() drawing inside from the same per-sample generators.
+    logits = None if mode in ("last", "hand") else model.router(t, tokens, S[:, :, 0], mask)
+    inside = (model.routing(t, tokens, S, mask)[0] if logits is None else
+              model.router.select(logits, 0.5, sample_generators(0, 7, range(3)))[0])
+    draws = model.routing_draws(3, 6, sample_generators(0, 7, range(3)))
+    before = model.routing(t, tokens, S, mask, draws)[0]
+    assert torch.equal(inside, before)
     if mode in ("last", "hand"):
         assert draws is None  # static routing draws nothing
     else:
         assert draws.shape == (3, 1 if mode == "sample" else 6, 4, 6)  # (B, L|1, n, m+1)
-        assert model.routing_draws(3, 6, 0.0, None) is None  # ε = 0: top-k only
-        other = model(x, t, S, mask, eps=eps, generator=sample_generators(1, 7, range(3)), return_routing=True)
-        assert not torch.equal(other[1]["idx"], before[1]["idx"])  # the draws do matter here
+        greedy = model.routing(t, tokens, S, mask)[0]
+        assert not torch.equal(greedy, before)  # the draws do matter here...
+        assert torch.equal(model(x, t, S, mask, draws), model(x, t, S, mask, draws))  # ...and fix the forward
+        model.cfg.router.eps = 0.0
+        assert model.routing_draws(3, 6, None) is None  # ε = 0: top-k only
+        model.cfg.router.eps = 0.5
         with pytest.raises(ValueError, match="precomputed routing draws have shape"):
-            model(x[:2], t[:2], S[:2], mask[:2], eps=eps, generator=draws)  # draws made for a batch of 3
+            model(x[:2], t[:2], S[:2], mask[:2], draws)  # draws made for a batch of 3
 
 
 @pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand"])
@@ -121,7 +129,7 @@ def test_every_routing_mode_trains(mode):
     model = trained_ish(tiny_cfg(mode=mode, m=5, und_dim=20, depth=4))  # asymmetric: m=5, n=4
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
     S, mask = torch.randn(2, 3, 5, 20), torch.ones(2, 3, dtype=torch.bool)
-    loss = model(x, t, S, mask, eps=0.05).pow(2).mean()
+    loss = model(x, t, S, mask, model.routing_draws(*mask.shape)).pow(2).mean()
     loss.backward()
     assert model.gen.ctx_proj.weight.grad.abs().sum() > 0
     if mode in ("mos", "sample"):

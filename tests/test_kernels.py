@@ -273,7 +273,7 @@ def test_tiny_mos_training_steps_match_with_kernels_on(monkeypatch):
         with kernels.use_backend(backend):
             for step in range(3):
                 eps_gen = torch.Generator().manual_seed(step)  # the same ε-greedy draws both runs
-                loss = (net(x_t, t, states, mask, eps=0.05, generator=eps_gen) - (z1 - x0)).pow(2).mean()
+                loss = (net(x_t, t, states, mask, net.routing_draws(B, L, eps_gen)) - (z1 - x0)).pow(2).mean()
                 opt.zero_grad()
                 loss.backward()
                 if step == 0:
