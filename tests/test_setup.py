@@ -63,3 +63,33 @@ def test_kernels_clash_is_one_line(tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "requirements.txt -c constraints.txt" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_no_two_project_modules_import_each_other():
+    """The layout stays flat and acyclic: no chain of imports among the top-level modules (every
+    import counted, module level and inside functions) leads back to where it started."""
+    import ast
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = {os.path.basename(f)[:-3]: f for f in glob.glob(os.path.join(root, "*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[name] = (deps & set(modules)) - {name}
+
+    def reach(start):  # every module reachable from start
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        return seen
+
+    cycles = sorted(name for name in graph if name in reach(name))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
