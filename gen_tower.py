@@ -71,8 +71,7 @@ class GenConfig:
     t_min: float = 0.05  # floor on t in (z_t - ẑ0) / t, so v̂ stays bounded near the data end
     # MoS-Edit (Sec. 3.4, Fig. 4; docs/design.md §10): the tower also takes the clean reference image's
     # tokens. A config flag rather than a parameter every model has, so a text-to-image model
-    # (and every checkpoint saved before MoS-Edit existed) has exactly the weights it had, and
-    # its config.json — which lacks this key — rebuilds it with the default False and loads
+    # carries no edit weights and a config.json without the key rebuilds one (False) that loads
     # strictly. The toy_edit preset sets it; train.py then starts from a toy checkpoint and only
     # the reference type embedding starts fresh.
     ref: bool = False

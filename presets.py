@@ -110,7 +110,7 @@ class Preset:
         t["betas"] = tuple(t["betas"])
         if "cfg_interval" in t:
             t["cfg_interval"] = tuple(t["cfg_interval"])
-        if "world" not in t:  # written before worlds were recorded: every pixel-codec model was a ShapesWorld toy
+        if "world" not in t:  # a config without a world: a pixel-codec model is a ShapesWorld toy
             t["world"] = "shapesworld" if d["model"].get("codec") == "pixel" else ""
         return Preset(ModelConfig.from_dict(d["model"]), TrainConfig(**t), d.get("about", ""),
                       [list(a) for a in d.get("phases", [])])
