@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from kernels import RMSNorm, SwiGLU
 from router import MoSRouter, RouterConfig, fixed_routing, mix_states, uniforms
+from und_tower import TOWER_INITS
 
 
 #################################################################################
@@ -88,12 +89,21 @@ class ModelConfig:
     """Everything needed to rebuild a MoS model: towers, router, codec, image size."""
 
     tower: str = "minilm"  # und_tower.load_tower name, hub id or local path
+    # "pretrained" (the method) or "random": the same tower with seeded random weights, the
+    # ablation of the paper's premise that the pre-trained states carry the concepts
+    # (und_tower.TOWER_INITS). Part of the model's config, so sample.py / eval.py rebuild the
+    # same random tower a checkpoint was trained with.
+    tower_init: str = "pretrained"
     und_states: int = 7  # m
     und_dim: int = 384  # D_u
     codec: str = "pixel"  # "pixel" or "wan2.2"
     image_size: int = 32  # training / default sampling resolution in pixels (square)
     gen: GenConfig = field(default_factory=GenConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self):
+        if self.tower_init not in TOWER_INITS:
+            raise ValueError(f"model tower_init must be one of {', '.join(TOWER_INITS)}, got {self.tower_init!r}")
 
     @staticmethod
     def from_dict(d: dict) -> "ModelConfig":

@@ -24,6 +24,10 @@ Also here, behind `RouterConfig.mode`, the baselines of the paper's ablations (S
                  prompt (Fig. 5a, Table 2)
   "last"         every block gets the tower's final state (the usual cross-attention recipe)
   "hand"         block j gets a fixed, evenly spaced layer (hand-crafted routing, Table 3)
+  "static"       ours, not in the paper: one learned m×n logit matrix shared by every prompt,
+                 token and timestep, then softmax, top-k and ε-greedy as usual — a layer mix
+                 that is learned but not adaptive, which splits Table 3's "learned vs
+                 hand-crafted" from "adaptive vs fixed" (ablate.py)
 and behind `RouterConfig.inputs` the router-input ablation of Table 1.
 
 Glossary (shape letters used in comments):
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 
 from kernels import RMSNorm, SwiGLU, mix_states_fused, triton_active
 
-ROUTING_MODES = ("mos", "sample", "last", "hand")
+ROUTING_MODES = ("mos", "sample", "last", "hand", "static")
 ROUTER_INPUTS = ("prompt", "prompt+latent", "prompt+latent+t")
 
 
@@ -226,6 +230,9 @@ class MoSRouter(nn.Module):
         D = cfg.dim
         if cfg.mode in ("last", "hand"):
             return  # static baselines: no parameters, see fixed_routing()
+        if cfg.mode == "static":  # one learned routing matrix, no inputs (see the header)
+            self.static_logits = nn.Parameter(torch.randn(num_blocks, num_states) * 0.02)  # (n, m), not zero: see below
+            return
         # Input tokenizers, one per modality: modality RMSNorm → Linear to D_r (Sec. 3.2,
         # App. B.2: separate norms per modality beat one shared norm, Fig. 9c–d).
         self.c_norm, self.c_in = RMSNorm(und_dim), nn.Linear(und_dim, D)
@@ -257,6 +264,8 @@ class MoSRouter(nn.Module):
         B, L = c_mask.shape
         if cfg.mode in ("last", "hand"):
             raise RuntimeError("static routing has no logits; call MoS.routing() or fixed_routing()")
+        if cfg.mode == "static":  # the same matrix for every sample and token, whatever t, z_t, c
+            return self.static_logits.expand(B, L, self.n, self.m)  # (B, L, n, m)
         parts, masks = [], []
         if cfg.inputs == "prompt+latent+t":
             t_tok = self.t_norm(self.t_mlp(timestep_embedding(t, cfg.t_freq_dim)))  # (B, D_r)

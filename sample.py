@@ -304,7 +304,8 @@ def load_everything(ckpt: str, device="cpu"):
 
     model, preset, _ = load_checkpoint(ckpt, which="ema", device=device)
     dtype = getattr(torch, preset.train.tower_dtype) if getattr(preset.train, "tower_dtype", "") else None
-    tower = TowerMemo(load_tower(preset.model.tower, device=device, dtype=dtype))  # bf16 for full presets
+    # bf16 for full presets; a random-tower ablation rebuilds the same seeded tower it trained with
+    tower = TowerMemo(load_tower(preset.model.tower, device=device, dtype=dtype, init=preset.model.tower_init))
     codec = load_codec(preset.model.codec).to(device)
     return model, tower, codec, preset
 

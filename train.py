@@ -243,9 +243,15 @@ def load_inputs(preset: Preset, device: str, data_spec: str, features: str | Non
     tcfg, mcfg = preset.train, preset.model
     memo = data.load_feature_cache(features) if features else None
     tower_dtype = getattr(torch, tcfg.tower_dtype) if tcfg.tower_dtype else None  # bf16 for full presets (App. A)
-    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device, dtype=tower_dtype), memo=memo)
+    if memo is not None and mcfg.tower_init != "pretrained":
+        raise ValueError("a feature cache holds the pre-trained tower's states; train a model.tower_init="
+                         f"{mcfg.tower_init} run without --features")
+    tower = TowerMemo(lambda: load_tower(mcfg.tower, device=device, dtype=tower_dtype, init=mcfg.tower_init),
+                      memo=memo)
     if memo is None:
-        log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M (frozen, m={mcfg.und_states})", quiet)
+        init = "" if mcfg.tower_init == "pretrained" else f", {mcfg.tower_init} weights"
+        log(f"understanding tower {mcfg.tower}: {count(tower.tower) / 1e6:.1f}M "
+            f"(frozen, m={mcfg.und_states}{init})", quiet)
     else:
         log(f"understanding states for {len(memo)} captions from the feature cache {features}", quiet)
     if latents:  # z0 precomputed: the batch holds latents, the codec's encode is the identity

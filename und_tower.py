@@ -18,6 +18,8 @@ What we fixed where the paper is open (docs/design.md §2):
     matrix), exposed as `TowerOutput.embeds`.
   * For a VLM, the states are those of its language model; the image tokens the processor
     inserts are part of the sequence L, just like text tokens.
+  * `load_tower(..., init="random")` (ModelConfig.tower_init) gives the same tower with seeded
+    random weights: a control for the ablation study (ablate.py), never a way to train U.
 
 Also here: `TowerMemo` (U behind a per-caption memo, the in-memory form of App. B.4's feature
 cache: what train.py and sample.py call), `tower_param_count` (a named tower's language model
@@ -352,15 +354,30 @@ def _minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+# TOWER_INITS: how a tower's weights are made. "pretrained": the published weights (the method).
+# "random": the same architecture and tokenizer, weights drawn by the model class's own
+# initialiser from torch seed RANDOM_TOWER_SEED (ModelConfig.tower_init; the ablation of
+# ablate.py that tests the paper's premise that a pre-trained tower's states carry the
+# concepts). The draw is seeded inside a forked RNG, so a checkpoint's random tower is the same
+# at train and at sample time and the caller's random stream is left untouched.
+TOWER_INITS = ("pretrained", "random")
+RANDOM_TOWER_SEED = 0
+
+
 def load_tower(
-    name: str = "minilm", *, dtype: torch.dtype | None = None, device="cpu", max_length: int = 77
+    name: str = "minilm", *, dtype: torch.dtype | None = None, device="cpu", max_length: int = 77,
+    init: str = "pretrained",
 ) -> UnderstandingTower:
     """Load a frozen understanding tower by name ('minilm', 'llama-3.2-3b', 'plm-1b', 'plm-8b',
     'internvl-14b'), by Hugging Face hub id, or from a local folder.
 
     Only 'minilm' ships with the install; everything else is fetched (or read from the HF cache)
-    when a user asks for it, never by the tests.
+    when a user asks for it, never by the tests. `init="random"` builds the same model from its
+    config with seeded random weights instead (see TOWER_INITS); for 'minilm' that reads only
+    the package's config and tokenizer, so it needs no network either.
     """
+    if init not in TOWER_INITS:
+        raise ValueError(f"tower init must be one of {', '.join(TOWER_INITS)}, got {init!r}")
     import transformers  # imported here: `tower_shape` and the registry need no transformers
 
     local_only = False
@@ -385,7 +402,13 @@ def load_tower(
         default_class = "AutoModelForImageTextToText" if kind == "vlm" else "AutoModel"
         model_class = getattr(transformers, _MODEL_CLASS.get(name, default_class))
         processor_class = transformers.AutoProcessor if kind == "vlm" else transformers.AutoTokenizer
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        if init == "random":  # the architecture only: weights from the class's own initialiser
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_TOWER_SEED)
+                model = model_class.from_config(config)  # fp32; UnderstandingTower casts to dtype
+        else:
+            model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_only)
         processor = processor_class.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, ImportError) as err:
         # gated repos (LLaMA), no network, a folder without config.json ... all end here

@@ -92,7 +92,7 @@ def test_padding_does_not_change_the_prediction():
     assert torch.allclose(model(x, t, S, mask), model(x, t, S2, mask2), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand"])
+@pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand", "static"])
 def test_routing_draws_made_beforehand_give_the_same_choices(mode):
     """MoS.routing_draws (what train.py hands a compiled forward) draws exactly what routing would
     draw inside from the same per-sample generators: same routes, same prediction."""
@@ -124,7 +124,7 @@ def test_routing_draws_made_beforehand_give_the_same_choices(mode):
             model(x[:2], t[:2], S[:2], mask[:2], draws)  # draws made for a batch of 3
 
 
-@pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand"])
+@pytest.mark.parametrize("mode", ["mos", "sample", "last", "hand", "static"])
 def test_every_routing_mode_trains(mode):
     model = trained_ish(tiny_cfg(mode=mode, m=5, und_dim=20, depth=4))  # asymmetric: m=5, n=4
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
@@ -135,6 +135,8 @@ def test_every_routing_mode_trains(mode):
     if mode in ("mos", "sample"):
         assert model.router.head.weight.grad.abs().sum() > 0  # gradient reaches the router
         # ...and through it the shared patch embedding gets the router's gradient too
+    if mode == "static":
+        assert model.router.static_logits.grad.abs().sum() > 0  # the learned mix learns
 
 
 def test_generation_tower_has_no_timestep_input():

@@ -138,6 +138,24 @@ def test_sample_wise_router_shares_one_matrix_per_prompt():
     assert torch.equal(idx, idx[:, :1].expand_as(idx))
 
 
+def test_static_learned_mix_is_one_matrix_for_every_input_and_learns():
+    """mode="static": one learned (n, m) logit matrix, whatever the prompt, token, t or z_t."""
+    r = make_router(mode="static")
+    assert [name for name, _ in r.named_parameters()] == ["static_logits"]  # no network, no inputs
+    t, z, c, mask = router_inputs()
+    logits = r(t, z, c, mask)
+    assert logits.shape == (B, L, n, m)
+    assert torch.equal(logits, r.static_logits.expand(B, L, n, m))  # every sample and token alike
+    assert torch.equal(r(torch.rand(B), torch.randn_like(z), torch.randn_like(c), mask), logits)
+    assert logits[0, 0].std() > 0  # not all-tied: top-k starts from a varied choice
+    idx, w = r.select(logits, eps=0.0)
+    assert torch.equal(idx, idx[:1, :1].expand_as(idx))  # without exploration, one choice for all
+    idx, w = r.select(logits, eps=1.0)
+    assert not torch.equal(idx, idx[:1, :1].expand_as(idx))  # exploration is still per token
+    w.sum().backward()
+    assert r.static_logits.grad.abs().sum() > 0  # learned through the selected weights
+
+
 def test_static_baselines():
     idx, w = fixed_routing("last", B, L, n, m)
     assert idx.shape == (B, L, n, 1) and (idx == m - 1).all() and (w == 1).all()

@@ -294,7 +294,8 @@ def fake_hub(monkeypatch):
 
     calls = []
 
-    def load_tower(name, *, dtype=None, device="cpu", max_length=77):
+    def load_tower(name, *, dtype=None, device="cpu", max_length=77, init="pretrained"):
+        assert init == "pretrained"  # the full presets' towers are the published ones
         calls.append(("tower", name, dtype))
         return tiny_tower(name, dtype=dtype)
 

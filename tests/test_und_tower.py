@@ -134,6 +134,31 @@ def test_tower_output_to_keeps_mask_bool(minilm):
 # Loading by name, the registry
 
 
+def test_random_minilm_has_the_real_shapes_other_states_and_is_the_same_every_load(minilm):
+    """init="random" (ModelConfig.tower_init, the ablation's untrained tower): the real MiniLM's
+    architecture and tokenizer with seeded random weights, the same in every process."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_tower("minilm", init="random")  # HF_HUB_OFFLINE (conftest): no download possible
+    assert torch.equal(torch.rand(3), before)  # the seeded draw leaves the caller's RNG alone
+    b = load_tower("minilm", init="random")
+    real, rand_a, rand_b = (t.model.state_dict() for t in (minilm, a, b))
+    assert {k: v.shape for k, v in rand_a.items()} == {k: v.shape for k, v in real.items()}
+    assert all(torch.equal(rand_a[k], rand_b[k]) for k in real)  # identical across loads
+    weights = [k for k, v in real.items() if v.ndim == 2]  # embeddings and Linear weights
+    assert weights and not any(torch.allclose(rand_a[k], real[k]) for k in weights)  # none is the real one
+    assert (a.num_states, a.width) == (minilm.num_states, minilm.width) == (7, 384)
+    texts = ["a red circle", LONG]
+    out_a, out_b, out_real = a(texts), b(texts), minilm(texts)
+    assert out_a.states.shape == out_real.states.shape and torch.equal(out_a.mask, out_real.mask)  # same tokenizer
+    assert torch.equal(out_a.states, out_b.states)
+    assert (out_a.states - out_real.states).abs().amax() > 1.0  # other states, far beyond rounding
+    assert not any(p.requires_grad for p in a.parameters())  # frozen like the real one
+    with pytest.raises(ValueError, match="tower init must be one of pretrained, random"):
+        load_tower("minilm", init="shuffled")
+
+
 def test_tower_shape_registry():
     assert tower_shape("minilm") == (7, 384)
     assert tower_shape("llama-3.2-3b") == (29, 3072)
