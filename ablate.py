@@ -1,0 +1,599 @@
+"""The paper's router ablations in miniature: does learned token-wise routing beat the alternatives?
+
+Issue #30. The paper's case for MoS rests on its ablations (Sec. 4.1 with the LLaMA-3.2-3B tower
+and a 1B generation tower, scored by FID / CLIP on MJHQ): Table 1 (what the router reads),
+Table 2 (token-wise vs sample-wise), Table 3 and Table 4 (learned routing vs hand-crafted and
+final-layer features), App. B.3 / Fig. 10 (top-k and ε-greedy). This script re-runs each of
+them on the toy: every variant is trained with the same short recipe and budget, from three
+training seeds, and scored with eval.py on the same ShapesWorld prompts and noise.
+
+    python ablate.py --dry              # the runs, their state and estimated CPU time; runs nothing
+    python ablate.py                    # run (or continue) the study, then write the report
+    python ablate.py --report           # only rewrite the report from the evaluations done so far
+    python ablate.py --only mos,last --seeds 2 --runs runs/abl-try   # a subset, elsewhere
+
+The rows (`VARIANTS`; each is `train.py --set` assignments on the toy preset, and each changes
+one thing against MoS as shipped):
+    mos            MoS as shipped: token-wise, router reads prompt + latent + t, k = 2, ε = 0.05
+    last           every block reads the last state S_{m-1}         Table 4 (fixed final layer)
+    hand           block j reads a fixed, evenly spaced layer        Table 3, Fig. 11c–d
+    sample         one routing matrix per prompt ([CLS])             Table 2
+    prompt         router reads the prompt only                      Table 1
+    prompt_latent  router reads prompt + latent (no t)               Table 1
+    k1, k4         top-1 and top-4 instead of top-2                  App. B.3, Fig. 10
+    eps0           no ε-greedy exploration                           App. B.3, Fig. 10
+    random_tower   an untrained MiniLM of the same shape             Sec. 3.1's premise, App. B.4
+    static         ours: one learned layer mix for all inputs        Sec. 4.1's "adaptive, not fixed"
+Not here: MoT (Fig. 6) needs symmetric towers with one-to-one blocks, and EmojiWorld's synonym
+score (docs/design.md §14) waits for EmojiWorld to exist.
+
+The budget (`STEPS`, `PER_CATEGORY`): the toy's 20-minute batch-8 recipe, 9000 steps of 8
+(lr 1e-3 → 1e-4, t_shift 2), which scored 0.540 / 0.517 on two prompt sets
+(docs/experiments.md §4), clear of both the floor (blank or junk images score ~0) and the
+ceiling (the shipped 102000-step toy scores 0.81), with its weak categories (position, colour
+attribution) mid-range where a better routing has room to show. Each run is scored on the
+standard 600-image set (50 prompts per category × 2 images, prompt set 0), whose sampling
+error on "overall" is about ±0.02 (§0). `--dry` gives the estimated CPU time.
+
+Resumable: every run lives in <runs>/<variant>/seed-<s>/ (train.log, eval.log, eval.json,
+times.json). A run whose eval.json exists is done; one whose final checkpoint exists is only
+evaluated; an interrupted training continues with `train.py --resume` (exact resume). Once a
+training is complete its intermediate checkpoints are deleted (44 MB each), keeping the last.
+<runs>/study.json records the recipe, so a study is never continued with another one.
+
+The verdict per row (`verdict`): Δ = mean(variant) − mean(MoS) over seeds, with standard error
+SE(Δ) = √(SE_v² + SE_MoS²), SE = std / √n over the seeds (never below the eval's own sampling
+error). |Δ| ≤ 2·SE(Δ) is "within noise"; otherwise "reproduces" when MoS is ahead, as the paper
+finds in every row, and "reverses" when the variant is. With 3 seeds per arm this is a loose
+test (a Welch t of 2 at ~4 degrees of freedom, p ≈ 0.1): a difference it calls real is worth a
+second look, one it calls noise is not shown to exist.
+
+Neighbours: train.py and eval.py do the work, as subprocesses (one run's memory and compiled
+graphs end with it); router.py holds the routing modes, und_tower.py the random tower.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py and eval.py live here
+DEFAULT_RUNS = os.path.join("runs", "ablations")  # git-ignored (runs/)
+
+#################################################################################
+#                        The rows and the paper's results                       #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # directory and --only name
+    label: str  # table and chart
+    sets: tuple[str, ...]  # train.py --set assignments on the toy preset
+    tests: str  # where in the paper
+    paper: str  # the paper's corresponding result, in its own numbers (MJHQ FID ↓ / CLIP ↑ unless said)
+
+
+# In every row the paper finds (or its premise predicts) that MoS as shipped is the better one.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("mos", "MoS (as shipped)", (),
+            "App. A",
+            "the reference: token-wise, prompt + latent + t, k = 2, ε = 0.05; FID 20.15 / CLIP 21.74 "
+            "(Table 1), 20.17 / 21.63 (Table 2), 17.77 / 22.91 (Table 3)"),
+    Variant("last", "last layer", ("model.router.mode=last",),
+            "Table 4",
+            "a cross-attention model on final-layer features: GenEval 0.74 vs 0.79, DPG 83.40 vs 85.61 "
+            "(5B; its blocks differ too, ours changes only the routing)"),
+    Variant("hand", "hand-crafted", ("model.router.mode=hand",),
+            "Table 3, Fig. 11c–d",
+            "evenly skipped layers: FID 21.51 vs 17.77, CLIP 22.04 vs 22.91; behind at every training step"),
+    Variant("sample", "sample-wise", ("model.router.mode=sample",),
+            "Table 2",
+            "one matrix per prompt: FID 21.66 vs 20.17, CLIP 21.48 vs 21.63"),
+    Variant("prompt", "router: prompt only", ("model.router.inputs=prompt",),
+            "Table 1",
+            "FID 21.12 vs 20.15, CLIP 21.40 vs 21.74: the weakest CLIP"),
+    Variant("prompt_latent", "router: prompt + latent", ("model.router.inputs=prompt+latent",),
+            "Table 1",
+            "FID 21.89 vs 20.15, CLIP 21.53 vs 21.74 (its FID is worse than prompt-only's 21.12)"),
+    Variant("k1", "k = 1", ("model.router.k=1",),
+            "App. B.3, Fig. 10",
+            "k = 2 beats k = 1 'consistently' (a single layer is 'a local view'); numbers only in the figure"),
+    Variant("k4", "k = 4", ("model.router.k=4",),
+            "App. B.3, Fig. 10",
+            "larger k 'dilutes representations'; k = 2 best; numbers only in the figure"),
+    Variant("eps0", "ε = 0", ("model.router.eps=0",),
+            "App. B.3, Fig. 10",
+            "ε = 0.05 'notably accelerates convergence' over no exploration; numbers only in the figure"),
+    Variant("random_tower", "random tower", ("model.tower_init=random",),
+            "Sec. 3.1, App. B.4",
+            "no such run; the method rests on the pre-trained tower's states, and a larger pre-trained "
+            "tower scores better (Fig. 11a–b)"),
+    Variant("static", "static learned mix", ("model.router.mode=static",),
+            "ours; Sec. 4.1",
+            "no such run; 'layer selection should be adaptive, not fixed' predicts MoS ahead of a "
+            "learned mix that ignores the input"),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+REFERENCE = "mos"
+
+#################################################################################
+#                              The recipe and its cost                          #
+#################################################################################
+
+STEPS = 9000  # the 20-minute batch-8 recipe (docs/experiments.md §3–§4)
+SEEDS = 3  # training seeds 0, 1, 2: model init, data order, noise, ε draws
+PER_CATEGORY = 50  # eval prompts per category, × 2 images = 600 images
+EVAL_SEED = 0  # prompt set and noise of the benchmark: the same for every run
+CKPT_EVERY = 1000  # an interruption loses at most this many steps
+# Every run: the toy preset's base setting (batch 8, 6 blocks, lr 1e-3 → 1e-4, warm-up 200,
+# t_shift 2), no sample grids, compiled (1.3× a step, the same score: docs/experiments.md §4).
+COMMON_SETS = ("train.sample_every=0",)
+COMPILE_SET = "train.compile=inductor"
+
+# CPU-seconds, for --dry. Measured on the shared 2-core CPU, whose speed varies up to ~3× from
+# day to day (docs/experiments.md), so these are estimates; the report gives measured times.
+TRAIN_CPU_S_PER_STEP = 0.33  # 9000 compiled steps in 24.6 min wall on 2 cores (§4)
+COMPILE_CPU_S = 400  # a cold Inductor compile, ~3.3 min wall (§4); once per variant, cached after
+EVAL_CPU_S_PER_IMAGE = 0.6  # 600 images in ~9 min wall on 2 cores at 18 blocks (§12), × 6/18 blocks
+
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # eval.CATEGORIES
+CATEGORY_LABELS = ("single", "two obj.", "counting", "colours", "position", "colour attr.")
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: Variant
+    seed: int
+    dir: str
+
+    @property
+    def eval_json(self) -> str:
+        return os.path.join(self.dir, "eval.json")
+
+    def __str__(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+
+def plan(runs_dir: str, names: list[str], seeds: int) -> list[Run]:
+    """The runs of the study, variant by variant: every seed of one row before the next row."""
+    return [Run(BY_NAME[n], s, os.path.join(runs_dir, n, f"seed-{s}")) for n in names for s in range(seeds)]
+
+
+def last_step(run_dir: str) -> int:
+    """The step of the run's latest complete checkpoint (train.py's step-XXXXXX folders), 0 if none."""
+    if not os.path.isdir(run_dir):
+        return 0
+    steps = [int(d[5:]) for d in os.listdir(run_dir) if d.startswith("step-") and d[5:].isdigit()]
+    return max(steps, default=0)
+
+
+def state(run: Run, steps: int) -> str:
+    """"done" (evaluated), "trained" (to evaluate), "step N" (to resume) or "todo"."""
+    if os.path.exists(run.eval_json):
+        return "done"
+    done = last_step(run.dir)
+    return "trained" if done >= steps else f"step {done}" if done else "todo"
+
+
+def estimate_cpu_s(steps_left: int, evaluate: bool, per_category: int, compiles: bool) -> float:
+    """CPU-seconds for `steps_left` training steps (+ a cold compile) and, if asked, one eval."""
+    return (steps_left * TRAIN_CPU_S_PER_STEP + (COMPILE_CPU_S if compiles and steps_left else 0.0)
+            + (per_category * len(CATEGORIES) * 2 * EVAL_CPU_S_PER_IMAGE if evaluate else 0.0))
+
+
+def train_command(run: Run, steps: int, compiled: bool, threads: int | None) -> list[str]:
+    """train.py for this run: a fresh start, or --resume where a checkpoint exists (its config.json
+    holds the recipe, so nothing else is passed)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    if last_step(run.dir):
+        cmd += ["--resume", run.dir]
+    else:
+        sets = [*run.variant.sets, f"train.seed={run.seed}", f"train.ckpt_every={min(CKPT_EVERY, steps)}",
+                *COMMON_SETS, *([COMPILE_SET] if compiled else [])]
+        cmd += ["--preset", "toy", "--steps", str(steps), "--out", run.dir, "--set", *sets]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+def eval_command(run: Run, per_category: int, eval_seed: int) -> list[str]:
+    """eval.py on the run's final checkpoint (its EMA), the preset's sampler (30 steps, CFG 3, t ≤ 0.8)."""
+    return [sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", run.dir, "--seed", str(eval_seed),
+            "--per-category", str(per_category), "--out", run.eval_json]
+
+
+#################################################################################
+#                                  Running it                                   #
+#################################################################################
+
+
+def run_command(cmd: list[str], run_dir: str, part: str, threads: int | None = None) -> int:
+    """Run one train.py / eval.py (`part` "train" / "eval") to completion, its output appended
+    to <run_dir>/<part>.log, and add the child's CPU and wall seconds to times.json — also when
+    the study is interrupted (Ctrl-C reaches the child too, which stops at its last checkpoint).
+    → the exit status."""
+    env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    try:
+        with open(os.path.join(run_dir, f"{part}.log"), "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    finally:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        add_times(run_dir, part, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+                  time.time() - t0)
+
+
+def read_times(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "times.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def add_times(run_dir: str, part: str, cpu: float, wall: float) -> None:
+    """Accumulate CPU and wall seconds of `part` ("train" or "eval") over sessions in times.json."""
+    times = read_times(run_dir)
+    times[f"{part}_cpu_s"] = round(times.get(f"{part}_cpu_s", 0.0) + cpu, 1)
+    times[f"{part}_wall_s"] = round(times.get(f"{part}_wall_s", 0.0) + wall, 1)
+    with open(os.path.join(run_dir, "times.json"), "w") as f:
+        json.dump(times, f, indent=2)
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete the step folders before the final one: a finished run only needs its last."""
+    for d in os.listdir(run_dir):
+        if d.startswith("step-") and d[5:].isdigit() and int(d[5:]) != keep:
+            shutil.rmtree(os.path.join(run_dir, d))
+
+
+def do_run(run: Run, args, bar) -> str | None:
+    """Train (or resume) and evaluate one run, skipping what is done. → an error line, or None."""
+    os.makedirs(run.dir, exist_ok=True)
+    if os.path.exists(run.eval_json):
+        return None
+    if last_step(run.dir) < args.steps:
+        bar.set_description(f"{run}: {'resuming' if last_step(run.dir) else 'training'}")
+        rc = run_command(train_command(run, args.steps, not args.eager, args.threads), run.dir, "train", args.threads)
+        if rc != 0 or last_step(run.dir) < args.steps:
+            return f"training {run} stopped (exit {rc}) at step {last_step(run.dir)}; see {run.dir}/train.log"
+        prune_checkpoints(run.dir, last_step(run.dir))
+    bar.set_description(f"{run}: evaluating")
+    rc = run_command(eval_command(run, args.per_category, args.eval_seed), run.dir, "eval", args.threads)
+    if rc != 0 or not os.path.exists(run.eval_json):
+        return f"evaluating {run} failed (exit {rc}); see {run.dir}/eval.log"
+    return None
+
+
+def check_study(runs_dir: str, recipe: dict) -> None:
+    """Record the recipe in <runs>/study.json, or check that the study there used the same one."""
+    path = os.path.join(runs_dir, "study.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f"{k} {old[k]} (asked {recipe[k]})" for k in recipe if k in old and old[k] != recipe[k]]
+        if diff:
+            raise ValueError(f"{runs_dir} holds a study with {', '.join(diff)}: continue it with the same "
+                             "settings, or choose another --runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(recipe, f, indent=2)
+
+
+#################################################################################
+#                           The report: table and chart                         #
+#################################################################################
+
+
+def load_results(runs_dir: str, seeds: int) -> dict[str, list[dict]]:
+    """{variant: the eval JSONs of its seeds 0..seeds-1 that exist}, each with its times.json."""
+    out = {}
+    for run in plan(runs_dir, [v.name for v in VARIANTS], seeds):
+        if os.path.exists(run.eval_json):
+            with open(run.eval_json) as f:
+                out.setdefault(run.variant.name, []).append(json.load(f) | {"times": read_times(run.dir)})
+    return out
+
+
+def sampling_var(ev: dict) -> float:
+    """Variance of one eval's overall score from its finite image set: overall is the mean of C
+    category accuracies, each a binomial proportion over n_c images."""
+    n_c = ev.get("per_category", 0) * ev.get("images_per_prompt", 0) or ev["n"] / len(CATEGORIES)
+    return sum(ev[c] * (1 - ev[c]) / n_c for c in CATEGORIES) / len(CATEGORIES) ** 2
+
+
+def stats(evals: list[dict]) -> dict:
+    """Mean, std (over seeds), standard error and per-category means of a row's evals."""
+    xs = [ev["overall"] for ev in evals]
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    # The seeds' spread already holds the eval's sampling error, but 3 seeds can land close by
+    # chance; the standard error is never taken below what the images alone allow.
+    se = max(std / math.sqrt(n), math.sqrt(sum(sampling_var(ev) for ev in evals) / n ** 2))
+    held = [ev["held_out"] for ev in evals if ev.get("held_out") is not None]
+    return {"n": n, "mean": mean, "std": std, "se": se, "values": xs,
+            "categories": {c: sum(ev[c] for ev in evals) / n for c in CATEGORIES},
+            "held_out": sum(held) / len(held) if held else None}
+
+
+def verdict(delta: float, se: float, n_variant: int, n_reference: int) -> str:
+    """The paper finds MoS ahead in every row: Δ = variant − MoS beyond 2·SE(Δ) below zero
+    reproduces that, beyond 2·SE(Δ) above zero reverses it, anything nearer is noise."""
+    if n_variant < 2 or n_reference < 2:
+        return "too few seeds"
+    if abs(delta) <= 2 * se:
+        return "within noise"
+    return "reproduces" if delta < 0 else "reverses"
+
+
+def summarise(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant (in VARIANTS order): its stats, Δ vs MoS, SE(Δ) and the verdict."""
+    ref = stats(results[REFERENCE]) if results.get(REFERENCE) else None
+    rows = []
+    for v in VARIANTS:
+        row = {"variant": v, "stats": stats(results[v.name]) if results.get(v.name) else None}
+        s = row["stats"]
+        if v.name == REFERENCE:
+            row["verdict"] = "reference" if s else "not run"
+        elif s is None or ref is None:
+            row["verdict"] = "not run"
+        else:
+            row["delta"] = s["mean"] - ref["mean"]
+            row["delta_se"] = math.sqrt(s["se"] ** 2 + ref["se"] ** 2)
+            row["verdict"] = verdict(row["delta"], row["delta_se"], s["n"], ref["n"])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["variant", "paper", "overall, mean ± std (seeds)", "Δ vs MoS ± SE", *CATEGORY_LABELS, "held-out",
+            "the paper's result", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v, s = row["variant"], row["stats"]
+        if s is None:
+            cells = ["—"] * (len(head) - 4)
+        else:
+            cells = [f"**{s['mean']:.3f}** ± {s['std']:.3f} ({s['n']})",
+                     f"{row['delta']:+.3f} ± {row['delta_se']:.3f}" if "delta" in row else "—",
+                     *(f"{s['categories'][c]:.2f}" for c in CATEGORIES),
+                     "—" if s["held_out"] is None else f"{s['held_out']:.2f}"]
+        lines.append("| " + " | ".join([v.label, v.tests, *cells, v.paper, row["verdict"]]) + " |")
+    return "\n".join(lines)
+
+
+VERDICT_COLOURS = {"reference": "#1f77b4", "reproduces": "#2ca02c", "reverses": "#d62728",
+                   "within noise": "#9e9e9e", "too few seeds": "#cfcfcf", "not run": "#ffffff"}
+
+
+def write_chart(rows: list[dict], path: str, title: str) -> None:
+    """Bars of mean overall per variant, error bars one std over seeds, each seed a dot; the
+    bar's colour is its verdict, the dashed line MoS's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, row in enumerate(rows):
+        s = row["stats"]
+        if s is None:
+            continue
+        ax.bar(i, s["mean"], yerr=s["std"], capsize=4, color=VERDICT_COLOURS[row["verdict"]], edgecolor="black",
+               linewidth=0.6)
+        ax.scatter([i] * s["n"], s["values"], s=10, color="black", zorder=3)
+    if rows[0]["stats"] is not None:
+        ax.axhline(rows[0]["stats"]["mean"], color=VERDICT_COLOURS["reference"], linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r["variant"].label for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("ShapesWorld overall (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    used = dict.fromkeys(r["verdict"] for r in rows if r["stats"] is not None)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor=VERDICT_COLOURS[k], edgecolor="black") for k in used],
+              labels=list(used), fontsize=8, loc="upper right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# Everything below this line in an existing report is kept when the script rewrites it: the
+# discussion is written by hand once the numbers are in.
+DISCUSSION_MARKER = "<!-- discussion: written by hand; ablate.py keeps everything below this line -->"
+
+
+def write_report(runs_dir: str, seeds: int, doc: str, chart: str, command: str, recipe: dict) -> list[dict]:
+    """docs/ablations.md (table, chart, command, CPU time) and docs/ablations.png from the eval
+    JSONs under runs_dir. Returns the rows."""
+    results = load_results(runs_dir, seeds)
+    rows = summarise(results)
+    evals = [ev for evs in results.values() for ev in evs]
+    cpu = {part: sum(ev["times"].get(f"{part}_cpu_s", 0.0) for ev in evals) for part in ("train", "eval")}
+    wall = sum(ev["times"].get("train_wall_s", 0.0) + ev["times"].get("eval_wall_s", 0.0) for ev in evals)
+    untimed = sum(1 for ev in evals if "train_cpu_s" not in ev["times"])
+    write_chart(rows, chart, f"ShapesWorld, {recipe['steps']} steps of batch 8, {seeds} training seeds, "
+                             f"{recipe['per_category'] * len(CATEGORIES) * 2} eval images per run")
+    complete = sum(1 for r in rows if r["stats"] and r["stats"]["n"] >= seeds)
+    counts = {k: sum(1 for r in rows if r["verdict"] == k) for k in ("reproduces", "reverses", "within noise")}
+    inside = os.path.commonpath([runs_dir, ROOT]) == ROOT
+    where = os.path.relpath(runs_dir, ROOT) if inside else runs_dir
+    compiled = ", compiled" if recipe["compile"] else ""
+    images = recipe["per_category"] * len(CATEGORIES) * 2
+    cpu_line = (f"{hours(cpu['train'] + cpu['eval'])} (training {hours(cpu['train'])}, evaluation "
+                f"{hours(cpu['eval'])}; {hours(wall)} wall)")
+    cpu_line += f"; {untimed} runs have no timing record" if untimed else ""
+    chart_link = os.path.relpath(chart, os.path.dirname(os.path.abspath(doc)))
+    text = f"""# The paper's ablations in miniature
+
+Generated by `ablate.py` (issue #30) from the runs in `{where}`; the table, the chart and the
+figures above the discussion are rewritten every time it runs.
+
+**Command** (from a clean checkout): `{command}`
+
+**Recipe.** Every variant trains the toy preset's base setting for {recipe['steps']} steps of batch 8
+(6 blocks, lr 1e-3 → 1e-4 cosine, t_shift 2{compiled}: the 20-minute batch-8 recipe of
+`docs/experiments.md` §4) with training seeds {', '.join(map(str, range(seeds)))}, and is scored with
+`python eval.py --seed {recipe['eval_seed']} --per-category {recipe['per_category']}`: the same
+{images} images (prompts and noise) for every run, 30 Euler steps, CFG 3 for t ≤ 0.8.
+Each row changes one thing against MoS as shipped (`ablate.VARIANTS` gives its `--set`).
+
+**Rows complete:** {complete} of {len(rows)} at {seeds} seeds. **Total CPU time:** {cpu_line}.
+
+**Verdict.** Δ = mean(variant) − mean(MoS) over seeds; SE(Δ) = √(SE_v² + SE_MoS²), SE = std/√n
+(never below the eval's own sampling error). |Δ| ≤ 2·SE(Δ): within noise; else *reproduces* when
+MoS is ahead (the paper's finding in every row) and *reverses* when the variant is. With 3 seeds
+per row this is a loose test (p ≈ 0.1). Tally: {counts['reproduces']} reproduce, {counts['reverses']} reverse,
+{counts['within noise']} within noise. The paper's numbers are MJHQ FID ↓ / CLIP ↑ of its Sec. 4.1
+setting (LLaMA-3.2-3B tower, 1B generation tower) unless the row says otherwise.
+
+{markdown_table(rows)}
+
+![overall per variant: mean ± std over seeds, one dot per seed, coloured by verdict]({chart_link})
+
+Not in the study: MoT (Fig. 6), which needs symmetric towers with one-to-one blocks; Table 4's
+cross-attention blocks (our *last layer* row keeps MoS's in-context blocks and changes only which
+state they read); EmojiWorld's synonym score (`docs/design.md` §14), not built yet.
+
+"""
+    tail = "## Discussion\n\nTo be written from the table once every row has its seeds.\n"
+    if os.path.exists(doc):
+        with open(doc) as f:
+            old = f.read()
+        if DISCUSSION_MARKER in old:
+            tail = old.split(DISCUSSION_MARKER, 1)[1].lstrip("\n")
+    with open(doc + ".tmp", "w") as f:
+        f.write(text + DISCUSSION_MARKER + "\n\n" + tail)
+    os.replace(doc + ".tmp", doc)
+    return rows
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+
+def hours(seconds: float) -> str:
+    """A duration the way a person reads it: 31.7 h, 56 min, 40 s."""
+    return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60
+            else f"{seconds:.0f} s")
+
+
+def print_dry(runs: list[Run], args) -> None:
+    """The runs, their state, --set and estimated CPU time; nothing runs."""
+    # A variant's first seed compiles its graphs; Inductor's on-disk cache serves the others.
+    compiles = [not args.eager and r.seed == 0 for r in runs]
+    todo = [not os.path.exists(r.eval_json) for r in runs]  # an evaluated run needs nothing, checkpoint or not
+    est = [estimate_cpu_s(args.steps - min(last_step(r.dir), args.steps) if t else 0, t, args.per_category, c)
+           for r, t, c in zip(runs, todo, compiles)]
+    full = [estimate_cpu_s(args.steps, True, args.per_category, c) for c in compiles]  # as if nothing had run
+    measured = sum(sum(read_times(r.dir).get(k, 0.0) for k in ("train_cpu_s", "eval_cpu_s")) for r in runs)
+    names = dict.fromkeys(r.variant.name for r in runs)
+    print(f"ablation study: {len(names)} variants × {args.seeds} seeds = {len(runs)} runs in {args.runs}")
+    print(f"train: python train.py --preset toy --steps {args.steps} --set <variant> train.seed=S "
+          f"train.ckpt_every={min(CKPT_EVERY, args.steps)} {' '.join(COMMON_SETS)}"
+          f"{'' if args.eager else ' ' + COMPILE_SET}")
+    print("       (batch 8, 6 blocks, lr 1e-3 → 1e-4, t_shift 2: the 20-minute recipe, ≈ 0.53 on ShapesWorld)")
+    print(f"eval:  python eval.py --ckpt RUN --seed {args.eval_seed} --per-category {args.per_category} "
+          f"({args.per_category * len(CATEGORIES) * 2} images per run)")
+    print(f"\n{'variant':<14} {'seed':>4}  {'state':<10} {'est. CPU':>9}  tests / --set")
+    for r, e in zip(runs, est):
+        print(f"{r.variant.name:<14} {r.seed:>4}  {state(r, args.steps):<10} {hours(e):>9}  "
+              f"{r.variant.tests}: {' '.join(r.variant.sets) or '(the preset as shipped)'}")
+    print(f"\nestimated CPU time: {hours(sum(est))} to go, of {hours(sum(full))} for the whole study "
+          f"(≈ {hours(sum(est) / 2)} wall on 2 cores); measured so far: {hours(measured)}")
+    print(f"estimates: {TRAIN_CPU_S_PER_STEP} CPU-s a training step, {COMPILE_CPU_S} CPU-s to compile once per "
+          f"variant, {EVAL_CPU_S_PER_IMAGE} CPU-s an eval image (docs/experiments.md §4, §12; the machine's speed "
+          "varies up to 3×)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="The paper's router ablations on the toy: train, evaluate, report "
+                                            "(issue #30; see the header of ablate.py).")
+    p.add_argument("--dry", action="store_true", help="list the runs and their estimated CPU time; run nothing")
+    p.add_argument("--report", action="store_true", help="only rewrite the table and chart from the evals done")
+    p.add_argument("--only", default="", help=f"comma-separated variants (default all: {','.join(BY_NAME)})")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="training seeds per variant (0 … N-1)")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps of every run")
+    p.add_argument("--per-category", type=int, default=PER_CATEGORY, help="eval prompts per category (× 2 images)")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="the eval's prompt set and noise")
+    p.add_argument("--eager", action="store_true", help="train without torch.compile")
+    p.add_argument("--threads", type=int, help="CPU threads for train.py / eval.py (default: all cores)")
+    p.add_argument("--runs", default=DEFAULT_RUNS, help=f"where the runs live (default {DEFAULT_RUNS})")
+    p.add_argument("--doc", help="the report (default: docs/ablations.md for the default --runs, "
+                                 "else <runs>/ablations.md)")
+    p.add_argument("--chart", help="its chart (default: beside the report, .png)")
+    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    for flag in ("seeds", "steps", "per_category", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BY_NAME)
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}; choose from {', '.join(BY_NAME)}")
+    # The study's own command, as the report prints it: the settings that change its results.
+    command = "python ablate.py" + "".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
+        (("steps", STEPS), ("seeds", SEEDS), ("per_category", PER_CATEGORY), ("eval_seed", EVAL_SEED),
+         ("runs", DEFAULT_RUNS)) if getattr(args, k) != d) + (" --eager" if args.eager else "")
+    if args.doc is None:  # a trial study elsewhere must not overwrite the repository's report
+        args.doc = (os.path.join(ROOT, "docs", "ablations.md") if args.runs == DEFAULT_RUNS
+                    else os.path.join(args.runs, "ablations.md"))
+    args.chart = args.chart or os.path.splitext(args.doc)[0] + ".png"
+    args.runs = os.path.abspath(args.runs)
+    runs = plan(args.runs, names, args.seeds)
+    recipe = {"steps": args.steps, "per_category": args.per_category, "eval_seed": args.eval_seed,
+              "compile": "" if args.eager else COMPILE_SET.split("=")[1]}
+    if args.dry:
+        print_dry(runs, args)
+        return 0
+    errors = []
+    if args.report and os.path.exists(os.path.join(args.runs, "study.json")):
+        with open(os.path.join(args.runs, "study.json")) as f:
+            recipe = json.load(f)  # the report describes the recipe the runs were made with
+    if not args.report:
+        check_study(args.runs, recipe)
+        done = sum(1 for r in runs if os.path.exists(r.eval_json))
+        with tqdm(total=len(runs), initial=done, unit="run", dynamic_ncols=True) as bar:
+            for run in runs:
+                if os.path.exists(run.eval_json):
+                    continue
+                error = do_run(run, args, bar)
+                if error:
+                    errors.append(error)
+                    tqdm.write(f"error: {error}", file=sys.stderr)
+                else:
+                    bar.update(1)
+        if errors:  # the other runs went on; a rerun retries these
+            print(f"{len(errors)} of {len(runs)} runs failed; run the same command again to retry them",
+                  file=sys.stderr)
+    rows = write_report(args.runs, args.seeds, args.doc, args.chart, command, recipe)
+    have = sum(1 for r in rows if r["stats"])
+    print(f"report: {args.doc} and {args.chart} ({have} of {len(rows)} rows have results)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
