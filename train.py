@@ -72,7 +72,7 @@ def train(preset: Preset, out: str, resume: str | None = None, device="cpu", qui
     """The training loop, in one plain process or on every rank under torchrun (FSDP2, see
     distributed.py). Returns the list of (step, global loss) it ran.
 
-    data_spec: "shapesworld" or a folder / .jsonl of image–caption pairs.
+    data_spec: "shapesworld", "emojiworld" or a folder / .jsonl of image–caption pairs.
     features: an on-disk understanding-feature cache (data.build_feature_cache); U is then
     loaded only if a caption is missing from it.
     latents: an on-disk latent cache (data.build_latent_cache) read instead of data_spec; the
@@ -266,7 +266,8 @@ def load_inputs(preset: Preset, device: str, data_spec: str, features: str | Non
 
 
 def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0):
-    """→ batch_fn(step, B) for ShapesWorld ("shapesworld") or a folder / .jsonl of real pairs.
+    """→ batch_fn(step, B) for a synthetic world ("shapesworld", "emojiworld") or a folder /
+    .jsonl of real pairs.
 
     Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — ShapesWorld edit
     triplets, or a .jsonl of {"source", "instruction", "target"} — and a `t2i_fraction` of the
@@ -275,6 +276,9 @@ def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0
     import data
 
     if mcfg.gen.ref:
+        if spec == "emojiworld":
+            raise ValueError("EmojiWorld has no edit triplets yet: train an edit model on --data shapesworld "
+                             "or a .jsonl of edits")
         if spec == "shapesworld":
             def edits(step, B):
                 src, instructions, tgt = data.edit_batch(seed, step * B, B, mcfg.image_size)
@@ -297,9 +301,10 @@ def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0
                 return data.shapes_batch(seed, step * B, B, mcfg.image_size)
             return edits(step, B)
         return mixed
-    if spec == "shapesworld":  # start/count: one rank's rows of the global batch (distributed.shard_batch)
-        return lambda step, B, start=0, count=None: data.shapes_batch(seed, step * B + start, B if count is None else count,
-                                                                     mcfg.image_size)
+    if spec in ("shapesworld", "emojiworld"):  # start/count: one rank's rows of the global batch (distributed.shard_batch)
+        world_batch = data.shapes_batch if spec == "shapesworld" else data.emojiworld.emoji_batch
+        return lambda step, B, start=0, count=None: world_batch(seed, step * B + start, B if count is None else count,
+                                                                mcfg.image_size)
     real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
                                  multiple=codec_shape(mcfg.codec)[1] * mcfg.gen.patch_size, seed=seed)
     return real.batch
@@ -495,7 +500,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", default=None, help="a run directory (latest checkpoint) or one checkpoint")
-    p.add_argument("--data", default="shapesworld", help="'shapesworld', a folder of images + .txt captions, or a .jsonl")
+    p.add_argument("--data", default="shapesworld", help="'shapesworld', 'emojiworld' (text-to-image only), a folder of images + .txt captions, or a .jsonl")
     p.add_argument("--features", default=None, help="understanding-feature cache dir (python data.py --cache ...)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset fields, e.g. --set model.gen.depth=8 train.lr=2e-3")

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -454,3 +455,25 @@ def test_toy_preset_is_one_command(tmp_path, monkeypatch):
     open(os.path.join(out, "recipe.json"), "w").write("{}")
     with pytest.raises(ValueError, match="already holds a phased run: continue it with --resume"):
         train.main(train.parse_args(["--preset", "toy", "--out", out]))
+
+
+def test_emojiworld_trains_text_to_image_and_records_its_world(tmp_path, minilm, monkeypatch):
+    """--data emojiworld feeds emojiworld.emoji_batch to the same loop (a loss that is finite and
+    checkpoints that record the world, so sample.py's vocabulary note lists EmojiWorld's words);
+    an edit model asks for triplets EmojiWorld does not have yet and gets one clear error."""
+    import data
+    import emojiworld
+
+    monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
+    p = tiny_preset(steps=2)
+    history = train.train(p, str(tmp_path / "emoji"), quiet=True, data_spec="emojiworld")
+    assert [step for step, _ in history] == [0, 1] and all(math.isfinite(loss) for _, loss in history)
+    assert checkpoint.read_preset(str(tmp_path / "emoji"))[0].train.world == "emojiworld"
+    batch_fn = train.make_data("emojiworld", p.model, seed=0)
+    images, captions = batch_fn(3, 4)
+    expected = emojiworld.emoji_batch(0, 12, 4, p.model.image_size)
+    assert torch.equal(images, expected[0]) and captions == expected[1]  # step 3 holds examples 12..15
+    assert any("dog" in words for words in data.WORLDS["emojiworld"].vocabulary.values())
+    p.model.gen.ref = True
+    with pytest.raises(ValueError, match="EmojiWorld has no edit triplets yet"):
+        train.make_data("emojiworld", p.model, seed=0)
