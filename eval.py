@@ -435,6 +435,16 @@ def edit_correct(target_objs, detected, size: int) -> bool:
     return True
 
 
+def edit_world(world: str):
+    """A world's edit benchmark: (kinds, benchmark, render, detect, edit_correct). ShapesWorld's
+    lives in this file and data.py, EmojiWorld's in emojiworld.py; the scoring loop is shared."""
+    if world == "emojiworld":
+        import emojiworld as E
+
+        return E.EDIT_KINDS, E.edit_benchmark, E.render, E.detect, E.edit_correct
+    return data.EDIT_KINDS, edit_benchmark, data.render, detect, edit_correct
+
+
 def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int = 0, steps: int | None = None,
                    cfg: float | None = None, cfg_interval=None, batch_size: int = 100, device="cpu",
                    save_dir: str | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
@@ -451,18 +461,19 @@ def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int
     from sample import atomic_save
 
     size = preset.model.image_size
-    records = edit_benchmark(seed=seed, per_kind=per_kind, size=size)
+    kinds, benchmark, render, find, correct = edit_world(preset.train.world)
+    records = benchmark(seed=seed, per_kind=per_kind, size=size)
     out_records = []
     bar = tqdm(total=len(records), desc="edit eval", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
-        refs = data.to_tensor(np.stack([data.render(r["source"], size) for r in chunk]))  # (b, 3, S, S)
+        refs = data.to_tensor(np.stack([render(r["source"], size) for r in chunk]))  # (b, 3, S, S)
         imgs = edit_images(model, tower, codec, preset, refs, [r["instruction"] for r in chunk],
                            seeds=[seed + s + i for i in range(len(chunk))], steps=steps, cfg=cfg,
                            cfg_interval=cfg_interval, device=device)
         for i, (rec, img) in enumerate(zip(chunk, imgs)):
-            found = detect(np.asarray(img))
-            out_records.append(rec | {"correct": edit_correct(rec["target"], found, size), "detected": found,
+            found = find(np.asarray(img))
+            out_records.append(rec | {"correct": correct(rec["target"], found, size), "detected": found,
                                       "image": img})
             if save_dir:
                 from PIL import Image
@@ -471,7 +482,7 @@ def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int
         bar.update(len(chunk))
     bar.close()
     scores: dict = {}
-    for kind in data.EDIT_KINDS:
+    for kind in kinds:
         hits = [r["correct"] for r in out_records if r["kind"] == kind]
         if hits:
             scores[kind] = sum(hits) / len(hits)
@@ -480,14 +491,15 @@ def evaluate_edits(model, tower, codec, preset, *, per_kind: int = 20, seed: int
     return scores, out_records
 
 
-def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2):
+def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2, world: str = "shapesworld"):
     """Before/after figure: for `per_kind` edits of each kind, a column of (source, model's
     edit, target), captioned with the instruction and ✓/✗."""
     from PIL import Image, ImageDraw
 
     from sample import atomic_save
 
-    chosen = [i for kind in data.EDIT_KINDS for i in [j for j, r in enumerate(records) if r["kind"] == kind][:per_kind]]
+    kinds, _, render, _, _ = edit_world(world)
+    chosen = [i for kind in kinds for i in [j for j, r in enumerate(records) if r["kind"] == kind][:per_kind]]
     scale, pad, text_h, col_w = 3, 4, 34, max(3 * size, 120)
     canvas = Image.new("RGB", (len(chosen) * (col_w + pad) + pad + 60, 3 * (size * scale + pad) + text_h + pad), "white")
     d = ImageDraw.Draw(canvas)
@@ -501,7 +513,7 @@ def save_edit_strip(records: list[dict], path: str, size: int, per_kind: int = 2
         d.text((x, 2), " ".join(words[:half]), fill="black")
         d.text((x, 13), " ".join(words[half:]) + ("  [ok]" if rec["correct"] else "  [x]"),
                fill=(0, 130, 0) if rec["correct"] else (200, 0, 0))
-        tiles = [data.render(rec["source"], size), np.asarray(rec["image"]), data.render(rec["target"], size)]
+        tiles = [render(rec["source"], size), np.asarray(rec["image"]), render(rec["target"], size)]
         for row, tile in enumerate(tiles):
             img = Image.fromarray(tile).resize((size * scale, size * scale), Image.NEAREST)
             canvas.paste(img, (x, text_h + row * (size * scale + pad)))
@@ -654,8 +666,9 @@ def evaluate_emoji(model, tower, codec, preset, *, per_category: int = 20, synon
 def parse_args(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(description="Score a MoS checkpoint on the ShapesWorld benchmark (JSON on stdout).")
-    p.add_argument("--ckpt", default=None, help="checkpoint dir or run dir (default: the shipped toy)")
+    p = argparse.ArgumentParser(description="Score a MoS checkpoint on the ShapesWorld or EmojiWorld benchmark (JSON on stdout).")
+    p.add_argument("--ckpt", default=None, help="checkpoint dir or run dir (default: the shipped toy; with --world "
+                   "emoji the EmojiWorld checkpoint; with --edit toy_edit)")
     p.add_argument("--per-category", type=int, default=50, help="prompts per category")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -686,7 +699,7 @@ def main(args) -> int:
     import torch
 
     from gen_tower import check_count
-    from sample import DEFAULT_CKPT, load_everything
+    from sample import DEFAULT_CKPT, DEFAULT_EMOJI_CKPT, load_everything
 
     # Counts first, one line each, before any weights load.
     for flag in ("steps", "batch_size", "images_per_prompt", "per_category", "per_kind"):
@@ -694,10 +707,10 @@ def main(args) -> int:
     if args.world not in ("shapes", "emoji"):
         raise ValueError(f"Unknown --world {args.world!r}; expected shapes or emoji.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.edit:
+        return main_edit(args, device)
     if args.world == "emoji":
-        if args.edit:
-            raise ValueError("--edit is not built for --world emoji yet (EmojiWorld has no edits).")
-        model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
+        model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_EMOJI_CKPT, device)
         scores, _ = evaluate_emoji(model, tower, codec, preset, per_category=args.per_category,
                                    synonyms=args.synonyms, images_per_prompt=args.images_per_prompt,
                                    seed=args.seed, steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,
@@ -705,8 +718,6 @@ def main(args) -> int:
                                    device=device, save_dir=args.save_images)
         return emit(scores | {"world": "emoji", "per_category": args.per_category,
                               "images_per_prompt": args.images_per_prompt}, args.out)
-    if args.edit:
-        return main_edit(args, device)
     model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
     scores, _ = evaluate(model, tower, codec, preset, per_category=args.per_category,
                          images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
@@ -735,9 +746,17 @@ def emit(scores: dict, out: str | None) -> int:
 def main_edit(args, device) -> int:
     """python eval.py --edit [--ckpt DIR]: edit accuracy per kind and overall, as JSON."""
 
+    from checkpoint import read_preset
     from edit import DEFAULT_EDIT_CKPT, load_edit_model
+    from sample import DEFAULT_EMOJI_CKPT
 
-    model, tower, codec, preset = load_edit_model(args.ckpt or DEFAULT_EDIT_CKPT, device)
+    world = {"shapes": "shapesworld", "emoji": "emojiworld"}[args.world]
+    default = DEFAULT_EMOJI_CKPT if world == "emojiworld" else DEFAULT_EDIT_CKPT
+    trained_on = read_preset(args.ckpt or default)[0].train.world  # checked before any weights load
+    if trained_on != world:
+        raise ValueError(f"{args.ckpt or default} edits {trained_on or 'real images'}, not the --world "
+                         f"{args.world} benchmark")
+    model, tower, codec, preset = load_edit_model(args.ckpt or default, device)
     scores, records = evaluate_edits(model, tower, codec, preset, per_kind=args.per_kind, seed=args.seed,
                                      steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,
                                      batch_size=args.batch_size, device=device, save_dir=args.save_images)
@@ -746,7 +765,7 @@ def main_edit(args, device) -> int:
                "cfg_interval": list(preset.train.cfg_interval if args.cfg_interval is None else args.cfg_interval),
                "seed": args.seed}
     if args.strip:
-        save_edit_strip(records, args.strip, preset.model.image_size)
+        save_edit_strip(records, args.strip, preset.model.image_size, world=world)
     return emit(scores, args.out)
 
 

@@ -122,9 +122,11 @@ def _toy() -> Preset:
     # 8 buys more updates per CPU-second than 64; training at shifted noise levels (t_shift 2)
     # and lr 1e-3 beat their alternatives at a fixed step budget. `--steps N` trains this base
     # setting alone (eager, 6 blocks) — the quick way to try a change. Without `--steps` the
-    # preset runs its phases: the tower grows 6 → 12 → 18 blocks (`checkpoint.grow_depth`), each phase a
-    # fresh AdamW with its own warm-up and cosine, compiled (train.compile), and the last
-    # phase's EMA is exported in bf16 (runs/toy/export: what checkpoints/toy/ ships).
+    # preset runs its phases: 16000 steps at 6 blocks, then the tower grows to 12 blocks
+    # (`checkpoint.grow_depth`) for 14000 more, each phase a fresh AdamW with its own warm-up
+    # and cosine, compiled (train.compile); the last phase's EMA is exported in bf16
+    # (runs/toy/export: what checkpoints/toy/ ships). The whole recipe fits ≈ 100 minutes of a
+    # 2-core CPU: depth paid more than steps at a fixed depth (docs/experiments.md §5-6).
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
@@ -134,18 +136,34 @@ def _toy() -> Preset:
         ),
         # Sampling defaults: CFG 3 only for t <= 0.8 (guidance at high noise erases objects
         # whose colour the prompt leaves open; docs/experiments.md "Sampler levers").
-        train=TrainConfig(steps=24000, batch_size=8, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.999,
+        train=TrainConfig(steps=16000, batch_size=8, lr=1e-3, lr_min=1e-4, warmup=200, ema_decay=0.999,
                           t_shift=2.0, log_every=50, sample_every=0, ckpt_every=2000, cfg=3.0,
                           cfg_interval=(0.0, 0.8), export_dtype="bfloat16"),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
         phases=[
             [compiled],  # 6 blocks from scratch
-            ["model.gen.depth=12", "train.steps=20000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
-             compiled],
-            ["model.gen.depth=18", "train.steps=14000", "train.lr=2e-4", "train.lr_min=1e-5", "train.seed=2",
+            ["model.gen.depth=12", "train.steps=14000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
              compiled],
         ],
     )
+
+
+def _emoji() -> Preset:
+    # EmojiWorld (emojiworld.py): the checkpoint that sample.py and edit.py use by default. The
+    # toy's model and settings on OpenMoji glyphs; phase 1 learns to draw (text to image), phase 2
+    # grows the tower to 12 blocks and adds MoS-Edit's reference tokens (Sec. 3.4), training
+    # edit triplets and text-to-image pairs half and half, so that one checkpoint both draws
+    # ("a dog holding a sign") and edits ("add glasses").
+    p = _toy()
+    p.train.world = "emojiworld"  # the data, unless --data says otherwise
+    p.train.steps = 14000
+    p.about = "EmojiWorld 32px (OpenMoji glyphs) on a 2-core CPU: text to image and MoS-Edit in one checkpoint"
+    p.phases = [
+        ["train.compile=inductor"],  # 6 blocks, text to image
+        ["model.gen.depth=12", "model.gen.ref=true", "train.t2i_fraction=0.5", "train.steps=14000", "train.lr=3e-4",
+         "train.lr_min=1e-5", "train.seed=1", "train.compile=inductor"],
+    ]
+    return p
 
 
 # Tower shapes (m = layers + 1, D) from the published configs:
@@ -177,7 +195,7 @@ def _toy_edit() -> Preset:
     p = _toy()
     p.phases = []  # one run
     p.model.gen.ref = True
-    # The toy's recipe ends at 18 blocks, so the edit model that starts from it has 18 too
+    # The shipped toy has 18 blocks, so the edit model that starts from it has 18 too
     # (the tower's shape must match the weights it starts from).
     p.model.gen.depth = 18
     # 1100 steps of 32, a short fine-tune: the text-to-image weights already draw every scene,
@@ -192,6 +210,7 @@ def _toy_edit() -> Preset:
 PRESETS = {
     "toy": _toy,
     "toy_edit": _toy_edit,
+    "emoji": _emoji,
     "ablation": lambda: _full("llama-3.2-3b", 29, 3072, 2048, 20, 16, 1024, 8,
                               "Sec. 4.1 ablation setting: LLaMA-3.2-3B tower, ~1B generation tower"),
     "mos_s": lambda: _full("plm-8b", 33, 4096, 3072, 26, 24, 1792, 14,

@@ -36,6 +36,7 @@ from flow import euler_sample, sampling_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "toy")
+DEFAULT_EMOJI_CKPT = os.path.join(HERE, "checkpoints", "emoji")  # EmojiWorld: draws and edits (train.py --preset emoji)
 
 
 #################################################################################

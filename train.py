@@ -269,40 +269,37 @@ def make_data(spec: str, mcfg: ModelConfig, seed: int, t2i_fraction: float = 0.0
     """→ batch_fn(step, B) for a synthetic world ("shapesworld", "emojiworld") or a folder /
     .jsonl of real pairs.
 
-    Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — ShapesWorld edit
+    Edit models (mcfg.gen.ref): batches are (targets, instructions, sources) — a world's edit
     triplets, or a .jsonl of {"source", "instruction", "target"} — and a `t2i_fraction` of the
     steps (drawn from (seed, step), so resume stays exact) are text-to-image pairs instead.
     """
     import data
 
+    # the synthetic worlds: text-to-image batches and edit triplets, one contract each
+    worlds = {"shapesworld": (data.shapes_batch, data.edit_batch),
+              "emojiworld": (data.emojiworld.emoji_batch, data.emojiworld.edit_batch)}
     if mcfg.gen.ref:
-        if spec == "emojiworld":
-            raise ValueError("EmojiWorld has no edit triplets yet: train an edit model on --data shapesworld "
-                             "or a .jsonl of edits")
-        if spec == "shapesworld":
-            def edits(step, B):
-                src, instructions, tgt = data.edit_batch(seed, step * B, B, mcfg.image_size)
-                return tgt, instructions, src
-        else:
-            real = data.EditData(spec, mcfg.image_size, seed=seed)
+        source = (lambda step, B: worlds[spec][1](seed, step * B, B, mcfg.image_size)) if spec in worlds \
+            else data.EditData(spec, mcfg.image_size, seed=seed).batch
 
-            def edits(step, B):
-                src, instructions, tgt = real.batch(step, B)
-                return tgt, instructions, src
+        def edits(step, B):
+            src, instructions, tgt = source(step, B)
+            return tgt, instructions, src
         if t2i_fraction <= 0:
             return edits
-        if spec != "shapesworld":
-            raise ValueError("train.t2i_fraction > 0 mixes in ShapesWorld text-to-image batches; use --data shapesworld")
+        if spec not in worlds:
+            raise ValueError("train.t2i_fraction > 0 mixes in a synthetic world's text-to-image batches; "
+                             "use --data shapesworld or emojiworld")
 
         import numpy as np
 
         def mixed(step, B):
             if np.random.default_rng([seed, 9, step]).random() < t2i_fraction:
-                return data.shapes_batch(seed, step * B, B, mcfg.image_size)
+                return worlds[spec][0](seed, step * B, B, mcfg.image_size)
             return edits(step, B)
         return mixed
-    if spec in ("shapesworld", "emojiworld"):  # start/count: one rank's rows of the global batch (distributed.shard_batch)
-        world_batch = data.shapes_batch if spec == "shapesworld" else data.emojiworld.emoji_batch
+    if spec in worlds:  # start/count: one rank's rows of the global batch (distributed.shard_batch)
+        world_batch = worlds[spec][0]
         return lambda step, B, start=0, count=None: world_batch(seed, step * B + start, B if count is None else count,
                                                                 mcfg.image_size)
     real = data.ImageCaptionData(spec, area=mcfg.image_size ** 2,
@@ -500,7 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", default=None, help="a run directory (latest checkpoint) or one checkpoint")
-    p.add_argument("--data", default="shapesworld", help="'shapesworld', 'emojiworld' (text-to-image only), a folder of images + .txt captions, or a .jsonl")
+    p.add_argument("--data", default=None, help="'shapesworld', 'emojiworld', a folder of images + .txt captions, or a "
+                   ".jsonl (default: the preset's world, else shapesworld)")
     p.add_argument("--features", default=None, help="understanding-feature cache dir (python data.py --cache ...)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset fields, e.g. --set model.gen.depth=8 train.lr=2e-3")
@@ -534,7 +532,8 @@ def main(args) -> int:
         with open(recipe) as f:
             recipe = json.load(f)
         torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-        export = train_phases(Preset.from_dict(recipe["preset"]), args.resume, recipe["command"], args.device, args.data)
+        preset = Preset.from_dict(recipe["preset"])
+        export = train_phases(preset, args.resume, recipe["command"], args.device, data_of(args, preset))
         print(f"done: {export} holds the exported checkpoint")
         return 0
     if args.resume:
@@ -571,16 +570,21 @@ def main(args) -> int:
     if preset.phases and not args.resume:
         if os.path.exists(os.path.join(out, "recipe.json")):
             raise ValueError(f"{out} already holds a phased run: continue it with --resume {out}, or choose another --out")
-        export = train_phases(preset, out, args.command, args.device, args.data)
+        export = train_phases(preset, out, args.command, args.device, data_of(args, preset))
         print(f"done: {export} holds the exported checkpoint")
         return 0
-    train(preset, out, resume=args.resume, device=args.device, data_spec=args.data, features=args.features,
+    train(preset, out, resume=args.resume, device=args.device, data_spec=data_of(args, preset), features=args.features,
           latents=args.latents)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: checkpoints in {out}")
     return 0
+
+
+def data_of(args, preset: Preset) -> str:
+    """--data, else the world the preset (or the checkpoint resumed) trains on, else ShapesWorld."""
+    return args.data or preset.train.world or "shapesworld"
 
 
 if __name__ == "__main__":

@@ -126,3 +126,77 @@ def test_eval_cli_rejects_an_unknown_world_in_one_line():
     r = subprocess.run([sys.executable, "eval.py", "--world", "moon", "--ckpt", "/nonexistent"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "moon" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def edit_ckpt(tmp_path_factory):
+    """A tiny EmojiWorld edit checkpoint (what `--preset emoji`'s last phase saves; random weights)."""
+    from checkpoint import build_model, save_checkpoint
+    from gen_tower import GenConfig
+    from presets import get_preset
+    from router import RouterConfig
+
+    torch.manual_seed(0)
+    p = get_preset("emoji")
+    p.model.gen = GenConfig(dim=32, depth=2, heads=2, patch_size=8, prediction="x", ref=True)
+    p.model.router = RouterConfig(dim=16, heads=2)
+    p.train.sample_steps = 2
+    model = build_model(p.model)
+    return save_checkpoint(str(tmp_path_factory.mktemp("emoji_edit")), 1, model, model, p, state=None)
+
+
+def test_emoji_edits_scored_per_kind(edit_ckpt, monkeypatch, tmp_path):
+    """eval.evaluate_edits reads the world from the checkpoint: EmojiWorld's kinds, renders and
+    detector. An oracle that draws each target scores 1 on every kind; one that hands back the
+    source unchanged scores 0; the strip draws."""
+    import edit
+    from sample import load_everything
+
+    model, tower, codec, preset = load_everything(edit_ckpt)
+    bench = {r["instruction"]: r for r in E.edit_benchmark(per_kind=2)}
+
+    def oracle(which):
+        def fake(model, tower, codec, preset, refs, instructions, **kw):
+            return np.stack([E.render(bench[i][which]) for i in instructions])
+        return fake
+
+    monkeypatch.setattr(edit, "edit_images", oracle("target"))
+    good, recs = evaluation.evaluate_edits(model, tower, codec, preset, per_kind=2, progress=False)
+    assert set(good) == set(E.EDIT_KINDS) | {"overall", "n"} and good["n"] == 2 * len(E.EDIT_KINDS)
+    assert good["overall"] == 1.0
+    evaluation.save_edit_strip(recs, str(tmp_path / "strip.png"), E.SIZE, per_kind=1, world="emojiworld")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "strip.png").size[0] > 4 * E.SIZE
+    monkeypatch.setattr(edit, "edit_images", oracle("source"))
+    bad, _ = evaluation.evaluate_edits(model, tower, codec, preset, per_kind=2, progress=False)
+    assert bad["overall"] == 0.0
+
+
+def test_eval_cli_emoji_edit_end_to_end_and_world_mismatch(edit_ckpt, ckpt, tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    out = tmp_path / "edits.json"
+    r = subprocess.run([sys.executable, "eval.py", "--world", "emoji", "--edit", "--ckpt", edit_ckpt, "--per-kind", "1",
+                        "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sc = json.loads(out.read_text())
+    assert set(E.EDIT_KINDS) <= set(sc) and sc["n"] == len(E.EDIT_KINDS)
+    r = subprocess.run([sys.executable, "eval.py", "--edit", "--ckpt", edit_ckpt, "--per-kind", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "edits emojiworld, not the --world shapes benchmark" in r.stderr
+
+
+def test_one_emoji_checkpoint_draws_and_edits(edit_ckpt, tmp_path):
+    """The EmojiWorld checkpoint is an edit model that also draws from text alone: sample.py
+    runs it without a reference, edit.py edits examples/dog.png with it."""
+    import edit
+    import sample
+    from PIL import Image
+
+    assert sample.main(sample.parse_args(["a dog holding a sign", "--ckpt", edit_ckpt, "--out",
+                                          str(tmp_path / "s.png")])) == 0
+    assert Image.open(tmp_path / "s.png").size == (E.SIZE, E.SIZE)
+    assert edit.main(edit.parse_args([os.path.join(ROOT, "examples", "dog.png"), "add glasses", "--ckpt", edit_ckpt,
+                                      "--out", str(tmp_path / "e.png")])) == 0
+    assert Image.open(tmp_path / "e.png").size == (E.SIZE, E.SIZE)

@@ -2,6 +2,7 @@
 concepts, captions are true of their scenes and false of perturbed ones, held-out synonyms never
 reach a training caption, batches are deterministic, and accessories sit where the anchors say."""
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -142,3 +143,105 @@ def test_rendered_scene_matches_items(kind):
         mask[it.y:it.y + it.h, it.x:it.x + it.w] = True
     assert (img[~mask] == E.BACKGROUND).all()
     assert (img[mask] != E.BACKGROUND).any(axis=-1).mean() > 0.2
+
+
+# ---------------------------------------------------------------- edits
+
+
+def _units_of(items):
+    """{animal or lone glyph key: its unit's items} (accessories follow their animal)."""
+    out, cur = {}, None
+    for i in items:
+        if E.BY_KEY[i.key].kind in ("wearable", "held") and cur is not None and (
+                E.is_worn(i, cur[0]) or E.is_held(i, cur[0])):
+            cur.append(i)
+        else:
+            cur = [i]
+            out[i.key] = cur
+    return out
+
+
+@pytest.mark.parametrize("kind", E.EDIT_KINDS)
+def test_edit_triplets_change_only_what_the_instruction_says(kind):
+    """Each edit kind's target differs from its source by exactly the edit: the wearable appears
+    worn (or disappears), the held object is swapped and held, or one unit slides ≥ MIN_MOVE·S to
+    the named edge; every other glyph keeps its exact place; both scenes stay on the canvas."""
+    for i in range(25):
+        e = E.sample_edit(np.random.default_rng([5, i]), E.SIZE, kind)
+        assert e.kind == kind and e.instruction
+        for scene in (e.source, e.target):
+            assert all(0 <= it.x and it.x + it.w <= E.SIZE and 0 <= it.y and it.y + it.h <= E.SIZE for it in scene)
+        src, tgt = _units_of(e.source), _units_of(e.target)
+        assert src.keys() == tgt.keys()
+        animal = next(k for k in src if E.BY_KEY[k].kind == "animal")
+        changed = {k for k in src if src[k] != tgt[k]}
+        if kind == "move":
+            (k,) = changed
+            assert E.BY_KEY[k].noun in e.instruction
+            edge = next(x for x in E.EDGES if e.instruction.endswith(x))
+            x0, y0, x1, y1 = E._bounds(tgt[k])
+            assert {"left": x0 == 0, "right": x1 == E.SIZE, "top": y0 == 0, "bottom": y1 == E.SIZE}[edge]
+            assert [it.key for it in src[k]] == [it.key for it in tgt[k]]
+            shift = np.hypot(tgt[k][0].x - src[k][0].x, tgt[k][0].y - src[k][0].y)
+            assert shift >= E.MIN_MOVE * E.SIZE
+            continue
+        assert changed == {animal} and src[animal][0] == tgt[animal][0]  # the animal itself stays put
+        before = {it.key for it in src[animal][1:]}
+        after = {it.key for it in tgt[animal][1:]}
+        if kind == "add_wearable":
+            (w,) = after - before
+            assert E.BY_KEY[w].kind == "wearable" and E.BY_KEY[w].noun in e.instruction
+            assert not any(E.BY_KEY[x].kind == "wearable" for x in before)
+        elif kind == "remove_wearable":
+            (w,) = before - after
+            assert E.BY_KEY[w].kind == "wearable" and E.BY_KEY[w].noun in e.instruction
+        else:
+            (old,), (new,) = before - after, after - before
+            assert {E.BY_KEY[old].kind, E.BY_KEY[new].kind} == {"held"}
+            assert E.BY_KEY[new].noun in e.instruction
+
+
+def test_add_glasses_is_in_the_training_instructions():
+    """The README's command says just "add glasses": the short form is a training template."""
+    seen = {E.sample_edit(np.random.default_rng([6, i]), E.SIZE, "add_wearable").instruction for i in range(200)}
+    assert "add glasses" in seen and "add a top hat" in seen
+
+
+def test_edit_batch_deterministic_and_resumable():
+    s, ins, t = E.edit_batch(3, 40, 4)
+    assert s.shape == t.shape == (4, 3, E.SIZE, E.SIZE) and len(ins) == 4
+    s2, ins2, t2 = E.edit_batch(3, 42, 2)
+    assert torch.equal(s[2:], s2) and torch.equal(t[2:], t2) and ins[2:] == ins2
+    assert not torch.equal(s, t)
+
+
+def test_edit_scoring_on_rendered_scenes():
+    """The detector reads back rendered sources and targets exactly (edit_correct true), a
+    source never passes for its own target (an unchanged image scores 0), and near misses fail:
+    a swapped glyph, a missing accessory, an extra glyph, a glyph beyond 0.2·S of its place."""
+    for k, kind in enumerate(E.EDIT_KINDS):
+        e = E.sample_edit(np.random.default_rng([7, k]), E.SIZE, kind)
+        tgt = E.detect(E.render(e.target))
+        assert E.edit_correct(e.target, tgt)
+        assert not E.edit_correct(e.target, E.detect(E.render(e.source)))
+    target = [E.item("dog", 4, 6, 16)]
+    target.append(E.wear(target[0], "glasses"))
+    assert E.edit_correct(target, [replace(target[0], x=6), replace(target[1], x=target[1].x + 2)])  # within 0.2·S
+    assert not E.edit_correct(target, [replace(target[0], x=12), replace(target[1], x=target[1].x + 8)])
+    assert not E.edit_correct(target, [replace(target[0], key="cat"), target[1]])
+    assert not E.edit_correct(target, target[:1])
+    assert not E.edit_correct(target, target + [E.item("tree", 24, 2, 6)])
+    assert not E.edit_correct(target, target + [E.Item(E.UNKNOWN, 24, 2, 6, 6, 6)])
+
+
+def test_examples_folder_holds_the_world_renders(tmp_path):
+    """examples/*.png are exactly what `python emojiworld.py --examples examples` writes, and the
+    detector reads each back as its scene."""
+    from PIL import Image
+
+    E.write_examples(str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in E.EXAMPLES:
+        shipped = np.asarray(Image.open(os.path.join(root, "examples", name)).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(Image.open(tmp_path / name).convert("RGB"))), name
+        assert E.edit_correct(E.example_items(name), E.detect(shipped)), name

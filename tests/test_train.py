@@ -437,12 +437,12 @@ def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
 
 
 def test_toy_preset_is_one_command(tmp_path, monkeypatch):
-    """`python train.py --preset toy` runs the toy's phases (6 → 12 → 18 blocks, exported in
+    """`python train.py --preset toy` runs the toy's phases (6 → 12 blocks, exported in
     bf16); `--steps N` trains the base setting alone; a finished or started phased run is
     continued with --resume, not overwritten."""
     p = get_preset("toy")
     depths = [apply_overrides(copy.deepcopy(p), a).model.gen.depth for a in p.phases]
-    assert depths == [6, 12, 18] and p.train.export_dtype == "bfloat16"
+    assert depths == [6, 12] and p.train.export_dtype == "bfloat16"
     calls = []
     monkeypatch.setattr(train, "train_phases", lambda preset, out, command, *a, **k: calls.append(
         ("phases", len(preset.phases), out, command)) or "x")
@@ -450,17 +450,17 @@ def test_toy_preset_is_one_command(tmp_path, monkeypatch):
     out = str(tmp_path / "toy")
     assert train.main(train.parse_args(["--preset", "toy", "--out", out])) == 0
     assert train.main(train.parse_args(["--preset", "toy", "--out", out, "--steps", "7"])) == 0
-    assert calls == [("phases", 3, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
+    assert calls == [("phases", 2, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
     os.makedirs(out)
     open(os.path.join(out, "recipe.json"), "w").write("{}")
     with pytest.raises(ValueError, match="already holds a phased run: continue it with --resume"):
         train.main(train.parse_args(["--preset", "toy", "--out", out]))
 
 
-def test_emojiworld_trains_text_to_image_and_records_its_world(tmp_path, minilm, monkeypatch):
+def test_emojiworld_trains_and_records_its_world(tmp_path, minilm, monkeypatch):
     """--data emojiworld feeds emojiworld.emoji_batch to the same loop (a loss that is finite and
     checkpoints that record the world, so sample.py's vocabulary note lists EmojiWorld's words);
-    an edit model asks for triplets EmojiWorld does not have yet and gets one clear error."""
+    an edit model gets EmojiWorld's edit triplets, mixed with text-to-image steps when asked."""
     import data
     import emojiworld
 
@@ -475,5 +475,26 @@ def test_emojiworld_trains_text_to_image_and_records_its_world(tmp_path, minilm,
     assert torch.equal(images, expected[0]) and captions == expected[1]  # step 3 holds examples 12..15
     assert any("dog" in words for words in data.WORLDS["emojiworld"].vocabulary.values())
     p.model.gen.ref = True
-    with pytest.raises(ValueError, match="EmojiWorld has no edit triplets yet"):
-        train.make_data("emojiworld", p.model, seed=0)
+    tgt, instructions, src = train.make_data("emojiworld", p.model, seed=0)(3, 4)
+    want_src, want_ins, want_tgt = emojiworld.edit_batch(0, 12, 4, p.model.image_size)
+    assert torch.equal(tgt, want_tgt) and torch.equal(src, want_src) and instructions == want_ins
+    mixed = train.make_data("emojiworld", p.model, seed=0, t2i_fraction=0.5)
+    kinds = [len(mixed(step, 2)) for step in range(12)]  # 2 = (images, captions), 3 = an edit triplet
+    assert set(kinds) == {2, 3}
+    p.train.steps = 2
+    history = train.train(p, str(tmp_path / "emoji_edit"), quiet=True, data_spec="emojiworld")
+    assert all(math.isfinite(loss) for _, loss in history)
+
+
+def test_emoji_preset_draws_and_edits_in_one_command(monkeypatch, tmp_path):
+    """`python train.py --preset emoji` trains on EmojiWorld without --data: text to image, then
+    an edit model (reference tokens) that keeps training text to image half the time."""
+    p = get_preset("emoji")
+    assert p.train.world == "emojiworld"
+    last = apply_overrides(copy.deepcopy(p), p.phases[-1])
+    assert last.model.gen.ref and 0 < last.train.t2i_fraction < 1
+    assert not apply_overrides(copy.deepcopy(p), p.phases[0]).model.gen.ref
+    seen = []
+    monkeypatch.setattr(train, "train_phases", lambda preset, out, command, device, data_spec: seen.append(data_spec) or "x")
+    assert train.main(train.parse_args(["--preset", "emoji", "--out", str(tmp_path / "e")])) == 0
+    assert seen == ["emojiworld"]
