@@ -39,7 +39,10 @@ Resumable: every run lives in <runs>/<variant>/seed-<s>/ (train.log, eval.log, e
 times.json). A run whose eval.json exists is done; one whose final checkpoint exists is only
 evaluated; an interrupted training continues with `train.py --resume` (exact resume). Once a
 training is complete its intermediate checkpoints are deleted (44 MB each), keeping the last.
-<runs>/study.json records the recipe, so a study is never continued with another one.
+<runs>/study.json records the recipe, so a study is never continued with another one. Under the
+default runs/ablations/, git ignores the checkpoints and logs but tracks study.json and each
+run's eval.json and times.json: commit them, and a clone on another machine continues the
+study where this one left off (a run cut short in training starts that run again).
 
 The verdict per row (`verdict`): Δ = mean(variant) − mean(MoS) over seeds, with standard error
 SE(Δ) = √(SE_v² + SE_MoS²), SE = std / √n over the seeds (never below the eval's own sampling
@@ -65,7 +68,7 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py and eval.py live here
-DEFAULT_RUNS = os.path.join("runs", "ablations")  # git-ignored (runs/)
+DEFAULT_RUNS = os.path.join("runs", "ablations")  # results tracked by git, checkpoints and logs ignored
 
 #################################################################################
 #                        The rows and the paper's results                       #
