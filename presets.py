@@ -125,8 +125,8 @@ def _toy() -> Preset:
     # preset runs its phases: 16000 steps at 6 blocks, then the tower grows to 12 blocks
     # (`checkpoint.grow_depth`) for 14000 more, each phase a fresh AdamW with its own warm-up
     # and cosine, compiled (train.compile); the last phase's EMA is exported in bf16
-    # (runs/toy/export: what checkpoints/toy/ ships). The whole recipe fits ≈ 100 minutes of a
-    # 2-core CPU: depth paid more than steps at a fixed depth (docs/experiments.md §5-6).
+    # (runs/toy/export). The whole recipe took 108.5 minutes of a
+    # 2-core CPU (docs/experiments.md §14); depth paid more than steps at a fixed depth (§5-6).
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
