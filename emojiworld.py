@@ -611,8 +611,8 @@ def sample_edit(rng: np.random.Generator, size: int = SIZE, kind: str | None = N
             worn = wearable if rng.random() < 0.3 else None
             before, after = _unit(animal, side, worn, held), _unit(animal, side, worn, held2)
             words = dict(h=BY_KEY[held].noun, h2=BY_KEY[held2].phrase())
-        else:  # move: the animal's unit, or the other glyph
-            before = after = _unit(animal, side, wearable if rng.random() < 0.3 else None, held)
+        else:  # move: the animal's unit, or the other glyph; the unit itself does not change
+            before, after = _unit(animal, side, wearable if rng.random() < 0.3 else None, held), []
         # Place the union of both versions of the unit, so source and target both fit.
         units = [before + after] + ([[item(extra, 0, 0, side)]] if extra else [])
         try:
@@ -625,7 +625,6 @@ def sample_edit(rng: np.random.Generator, size: int = SIZE, kind: str | None = N
         if kind == "move":
             mover = int(rng.integers(len(placed))) if extra else 0
             edge = pick(EDGES)
-            src_unit = tgt_unit = placed[0][:n]
             units_src = [src_unit] + others
             moved = _to_edge(units_src[mover], edge, size)
             b0, b1 = _bounds(units_src[mover]), _bounds(moved)
