@@ -3,10 +3,11 @@
 Paper Sec. 3.4 and Fig. 4 (MoS-Edit inference), App. B.5 (the reference image goes to both
 towers). docs/design.md §10, §15.3 (CLI contract).
 
-    python edit.py img.png "make the red circle blue"                    # → edited.png
-    python edit.py img.png "remove the blue square" --out out.png --seed 3 --cfg 4
+    python edit.py examples/dog.png "add glasses"                          # → edited.png
+    python edit.py img.png "make the red circle blue" --ckpt checkpoints/toy_edit --seed 3
     python edit.py --edits edits.jsonl --outdir out/   # lines {"image": PATH, "instruction": TEXT}
                                                        # → out/0000.png, 0001.png, … in line order
+                                                       # (--grid FILE.png: sources above their edits)
 
 Inference (Fig. 4, Alg. 2 with a reference):
     reference image ──┬─► U (with the instruction, when U is a VLM) ─► states (B, L, m, D_u)
@@ -15,7 +16,7 @@ Inference (Fig. 4, Alg. 2 with a reference):
     CFG on the instruction: the unconditional branch keeps the reference and drops the text.
     z_0 ─► codec.decode ─► edited image
 
-NOTE: the shipped toy_edit checkpoint's understanding tower is MiniLM, a text-only encoder, so
+NOTE: the shipped checkpoints' understanding tower is MiniLM, a text-only encoder, so
 U reads the instruction only; the reference reaches the model through G's reference tokens.
 That is the paper's "w/o understanding-tower context" variant (App. B.5), not the full design;
 a VLM tower (plm-8b, internvl-14b) reads image + instruction (und_tower.edit_context).
@@ -24,7 +25,8 @@ The sampling machinery (noise seeds, schedule, CFG, rescale) is sample.py's `gen
 the reference images passed as `refs`. Input images of another size are resized (and
 centre-cropped if not square) to the checkpoint's training size, with a note on stderr.
 
-With no --ckpt the small checkpoint shipped in checkpoints/toy_edit/ is used.
+With no --ckpt the small EmojiWorld checkpoint shipped in checkpoints/emoji/ is used (the one
+sample.py draws with); checkpoints/toy_edit/ edits ShapesWorld images.
 """
 
 import argparse
@@ -36,7 +38,8 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_EDIT_CKPT = os.path.join(HERE, "checkpoints", "toy_edit")
+DEFAULT_EDIT_CKPT = os.path.join(HERE, "checkpoints", "emoji")  # draws and edits EmojiWorld
+TOY_EDIT_CKPT = os.path.join(HERE, "checkpoints", "toy_edit")  # ShapesWorld edits (eval.py --edit's default)
 
 
 #################################################################################
@@ -128,7 +131,7 @@ def load_edit_model(ckpt: str, device="cpu"):
         is_edit = True  # let load_everything give its own precise error
     if not is_edit:
         raise ValueError(f"checkpoint {ckpt!r} is a text-to-image model (no reference tokens); "
-                         "use sample.py, or an edit checkpoint such as checkpoints/toy_edit")
+                         "use sample.py, or an edit checkpoint such as checkpoints/emoji")
     return load_everything(ckpt, device)
 
 
@@ -155,8 +158,10 @@ def parse_args(argv=None):
     p.add_argument("instruction", nargs="?", help='what to change, e.g. "make the red circle blue"')
     p.add_argument("--edits", metavar="FILE.jsonl", help='lines {"image": PATH, "instruction": TEXT} → --outdir')
     p.add_argument("--outdir", default="edits")
+    p.add_argument("--grid", metavar="FILE.png", help="with --edits: also write a grid, each source above its edit")
+    p.add_argument("--ncol", type=int, default=8, help="grid columns (edits per row pair)")
     p.add_argument("--out", default="edited.png")
-    p.add_argument("--ckpt", default=DEFAULT_EDIT_CKPT, help="checkpoint dir or run dir (default: the shipped toy_edit)")
+    p.add_argument("--ckpt", default=DEFAULT_EDIT_CKPT, help="checkpoint dir or run dir (default: the shipped EmojiWorld model)")
     add_sampler_args(p, guidance_help="guidance scale on the instruction")
     p.add_argument("--batch-size", type=int, default=64, help="edits per forward batch")
     return p.parse_args(argv)
@@ -168,6 +173,8 @@ def main(args) -> int:
     from gen_tower import check_count
     from sample import atomic_save
 
+    if args.grid and not args.edits:
+        raise ValueError("--grid needs --edits FILE.jsonl (a single edit is one image: --out)")
     if args.edits:
         if args.image is not None:
             raise ValueError("give either IMAGE INSTRUCTION or --edits FILE.jsonl, not both")
@@ -178,6 +185,7 @@ def main(args) -> int:
         edits = [(args.image, check_instruction(args.instruction))]
     check_count("--steps", args.steps)
     check_count("--batch-size", args.batch_size)
+    check_count("--ncol", args.ncol)
     images = [open_image(path) for path, _ in edits]  # every input checked before the model loads
     model, tower, codec, preset = load_edit_model(args.ckpt, args.device)
     size = preset.model.image_size
@@ -187,17 +195,37 @@ def main(args) -> int:
               cfg_interval=args.cfg_interval, device=args.device)
     if args.edits:
         os.makedirs(args.outdir, exist_ok=True)
+        edited = []
         for s in range(0, len(edits), args.batch_size):
             chunk = [text for _, text in edits[s:s + args.batch_size]]
             imgs = edit_images(model, tower, codec, preset, refs[s:s + len(chunk)], chunk, seed=args.seed + s, **kw)
             for i, img in enumerate(imgs):
                 atomic_save(Image.fromarray(img), os.path.join(args.outdir, f"{s + i:04d}.png"))
+            edited.extend(imgs)
         print(f"wrote {len(edits)} edited images to {args.outdir}/", file=sys.stderr)
+        if args.grid:
+            save_before_after(refs, np.stack(edited), args.grid, args.ncol)
+            print(f"wrote {args.grid}", file=sys.stderr)
     else:
         img = edit_images(model, tower, codec, preset, refs, [edits[0][1]], seed=args.seed, **kw)[0]
         atomic_save(Image.fromarray(img), args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def save_before_after(refs: torch.Tensor, edited: np.ndarray, path: str, ncol: int = 8):
+    """Sources (B, 3, S, S) in [-1, 1] and their edits (B, S, S, 3) uint8 → one grid PNG: each
+    row of up to `ncol` sources sits above the row of their edits (blank tiles pad the last pair)."""
+    from sample import save_grid, to_uint8
+
+    before = to_uint8(refs)  # (B, S, S, 3)
+    ncol = min(ncol, len(edited))
+    tiles = []
+    for s in range(0, len(edited), ncol):
+        for row in (before[s:s + ncol], edited[s:s + ncol]):
+            tiles.extend(row)
+            tiles.extend(np.full_like(row[0], 255) for _ in range(ncol - len(row)))
+    save_grid(np.stack(tiles), path, ncol=ncol, scale=3)
 
 
 if __name__ == "__main__":

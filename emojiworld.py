@@ -724,9 +724,16 @@ UNKNOWN = "unknown"
 DETECT_FOREGROUND = 40.0     # RGB distance from BACKGROUND above which a pixel is foreground
 DETECT_MIN_AREA = 4          # components smaller than this are specks, ignored
 DETECT_BOX_TOL = 1           # a unit box edge may lie this many px from the component box edge
-# Mean RGB distance over the union of the two foregrounds. Rendered units measure 0; a dog half
-# faded to the background measures ~56 to its best unit, glasses 7 px below a dog's eyes ~47.
-DETECT_MAX_DISTANCE = 24.0
+# The model draws a glyph through 4-px patches, softly: its 1-px outlines blur and wander. So
+# the detector compares shapes and colours, not outline detail: both the observation and each
+# candidate unit are blurred (Gaussian, σ = DETECT_BLUR px) before the mean RGB distance over
+# the pixels either draws. Rendered units measure 0; a dog half faded to the background
+# measures ~41 to its best unit; generated glyphs a person names correctly measured 19–36
+# (docs/design.md §14). Which unit is nearest decides what a component is (a cat stays a cat,
+# glasses 7 px below the eyes explain best as no glasses); the cap decides junk.
+DETECT_BLUR = 1.5
+_BLUR_R = 3  # the kernel's radius, 2σ rounded up
+DETECT_MAX_DISTANCE = 38.0
 
 
 def _label_components(mask: np.ndarray) -> np.ndarray:
@@ -753,8 +760,9 @@ def _label_components(mask: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _units_by_box(size: int) -> dict[tuple[int, int], list[list[Item]]]:
     """Every unit the world can draw on an S-px canvas, at the origin, keyed by its box (w, h):
-    lone glyphs at sides 3 … S, and animals at sides 8 … S with each wearable (or none) and
-    each held object (or none)."""
+    lone glyphs and animals at sides S/4 … S (scenes draw no glyph under 0.32·S, so a smaller
+    blob is junk, not a tiny glyph), each animal with each wearable (or none) and each held
+    object (or none)."""
     table: dict[tuple[int, int], list[list[Item]]] = {}
 
     def add(unit):
@@ -762,11 +770,12 @@ def _units_by_box(size: int) -> dict[tuple[int, int], list[list[Item]]]:
         if x1 - x0 <= size and y1 - y0 <= size:
             table.setdefault((x1 - x0, y1 - y0), []).append(_shift(unit, -x0, -y0))
 
+    smallest = round(size / 4)
     for g in STANDALONE:
-        for s in range(3, size + 1):
+        for s in range(smallest, size + 1):
             add([item(g, 0, 0, s)])
     for a in ANIMALS:
-        for s in range(8, size + 1):
+        for s in range(smallest, size + 1):
             for w in (None, *WEARABLES):
                 for h in (None, *HELD):
                     if w or h:
@@ -774,49 +783,61 @@ def _units_by_box(size: int) -> dict[tuple[int, int], list[list[Item]]]:
     return table
 
 
-def _distance(obs: np.ndarray, drawn: np.ndarray) -> float:
-    """Mean RGB distance between two (h, w, 3) crops over the pixels either draws."""
-    bg = np.asarray(BACKGROUND, dtype=np.float64)
-    a, b = obs.astype(np.float64), drawn.astype(np.float64)
-    fg = (np.linalg.norm(a - bg, axis=-1) > DETECT_FOREGROUND) | (np.linalg.norm(b - bg, axis=-1) > DETECT_FOREGROUND)
-    if not fg.any():
-        return float("inf")
-    return float(np.linalg.norm(a - b, axis=-1)[fg].mean())
+def _blur(a: np.ndarray) -> np.ndarray:
+    """Gaussian blur (σ = DETECT_BLUR) of an (h, w, 3) float array of differences from
+    BACKGROUND, zero-padded (= background outside), grown by _BLUR_R px on every side:
+    (h + 2r, w + 2r, 3). Separable: one 1-D kernel along each axis."""
+    r = _BLUR_R
+    x = np.arange(-r, r + 1)
+    k = np.exp(-x ** 2 / (2 * DETECT_BLUR ** 2))
+    k /= k.sum()
+    h, w = a.shape[:2]
+    p = np.pad(a, ((2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
+    p = sum(k[i] * p[i:i + h + 2 * r] for i in range(2 * r + 1))  # (h + 2r, w + 4r, 3)
+    return sum(k[i] * p[:, i:i + w + 2 * r] for i in range(2 * r + 1))  # (h + 2r, w + 2r, 3)
 
 
 @functools.lru_cache(maxsize=65536)
-def _patch(unit: tuple[Item, ...]) -> np.ndarray:
-    """A unit (at the origin) rendered on BACKGROUND, cropped to its box: (h, w, 3) uint8."""
+def _template(unit: tuple[Item, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A unit (at the origin) rendered on BACKGROUND: its foreground mask (h, w) and its blurred
+    difference from BACKGROUND, (h + 2r, w + 2r, 3) (the blur spills r px past the box)."""
     x0, y0, x1, y1 = _bounds(unit)
-    return render(unit, max(x1, y1))[:y1, :x1]
+    diff = render(unit, max(x1, y1))[:y1, :x1].astype(np.float64) - np.asarray(BACKGROUND, np.float64)
+    return np.linalg.norm(diff, axis=-1) > DETECT_FOREGROUND, _blur(diff)
 
 
 def _explain(obs: np.ndarray, box: tuple[int, int, int, int], size: int) -> tuple[list[Item] | None, float]:
-    """The unit that best explains one component. obs: the (S, S, 3) image with every other
-    component painted over with BACKGROUND; box: the component's (x0, y0, x1, y1). A unit's
-    box may differ from the component's by DETECT_BOX_TOL px at each edge (faint anti-aliased
-    rims fall below DETECT_FOREGROUND)."""
+    """The unit that best explains one component, and its distance. obs: the (S, S, 3) image with
+    every other component painted over with BACKGROUND; box: the component's (x0, y0, x1, y1).
+    A unit's box may differ from the component's by DETECT_BOX_TOL px at each edge (faint
+    anti-aliased rims fall below DETECT_FOREGROUND). The distance is the mean RGB distance
+    between the blurred observation and the blurred unit, over the pixels either draws."""
     x0, y0, x1, y1 = box
-    t = DETECT_BOX_TOL
+    t, r = DETECT_BOX_TOL, _BLUR_R
     cx0, cy0, cx1, cy1 = max(0, x0 - t), max(0, y0 - t), min(size, x1 + t), min(size, y1 + t)
-    crop = obs[cy0:cy1, cx0:cx1]
-    blank = np.empty_like(crop)
-    blank[:] = BACKGROUND
+    diff = obs.astype(np.float64) - np.asarray(BACKGROUND, np.float64)  # (S, S, 3)
+    seen = _blur(diff)[r + cy0:r + cy1, r + cx0:r + cx1]  # (ch, cw, 3): the crop, blurred in place
+    seen_fg = (np.linalg.norm(diff, axis=-1) > DETECT_FOREGROUND)[cy0:cy1, cx0:cx1]  # (ch, cw)
+    ch, cw = cy1 - cy0, cx1 - cx0
+    canvas = np.zeros((ch + 2 * r, cw + 2 * r, 3))  # the crop with an r-px margin for the spill
     best, best_d = None, float("inf")
     table = _units_by_box(size)
     for w in range(x1 - x0 - 2 * t, x1 - x0 + 2 * t + 1):
         for h in range(y1 - y0 - 2 * t, y1 - y0 + 2 * t + 1):
             for unit in table.get((w, h), ()):
-                patch = _patch(tuple(unit))
+                fg_u, blur_u = _template(tuple(unit))
                 for bx in range(max(cx0, x0 - t), min(x0 + t, cx1 - w) + 1):
                     if not x1 - t <= bx + w <= x1 + t:
                         continue
                     for by in range(max(cy0, y0 - t), min(y0 + t, cy1 - h) + 1):
                         if not y1 - t <= by + h <= y1 + t:
                             continue
-                        drawn = blank.copy()
-                        drawn[by - cy0:by - cy0 + h, bx - cx0:bx - cx0 + w] = patch
-                        d = _distance(crop, drawn)
+                        oy, ox = by - cy0, bx - cx0  # the unit's place in the crop
+                        canvas[:] = 0
+                        canvas[oy:oy + h + 2 * r, ox:ox + w + 2 * r] = blur_u
+                        fg = seen_fg.copy()
+                        fg[oy:oy + h, ox:ox + w] |= fg_u
+                        d = float(np.linalg.norm(seen - canvas[r:r + ch, r:r + cw], axis=-1)[fg].mean())
                         if d < best_d:
                             best, best_d = _shift(unit, bx, by), d
     return best, best_d

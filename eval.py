@@ -699,7 +699,7 @@ def main(args) -> int:
     import torch
 
     from gen_tower import check_count
-    from sample import DEFAULT_CKPT, DEFAULT_EMOJI_CKPT, load_everything
+    from sample import DEFAULT_CKPT, TOY_CKPT, load_everything
 
     # Counts first, one line each, before any weights load.
     for flag in ("steps", "batch_size", "images_per_prompt", "per_category", "per_kind"):
@@ -710,7 +710,7 @@ def main(args) -> int:
     if args.edit:
         return main_edit(args, device)
     if args.world == "emoji":
-        model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_EMOJI_CKPT, device)
+        model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
         scores, _ = evaluate_emoji(model, tower, codec, preset, per_category=args.per_category,
                                    synonyms=args.synonyms, images_per_prompt=args.images_per_prompt,
                                    seed=args.seed, steps=args.steps, cfg=args.cfg, cfg_interval=args.cfg_interval,
@@ -718,7 +718,7 @@ def main(args) -> int:
                                    device=device, save_dir=args.save_images)
         return emit(scores | {"world": "emoji", "per_category": args.per_category,
                               "images_per_prompt": args.images_per_prompt}, args.out)
-    model, tower, codec, preset = load_everything(args.ckpt or DEFAULT_CKPT, device)
+    model, tower, codec, preset = load_everything(args.ckpt or TOY_CKPT, device)
     scores, _ = evaluate(model, tower, codec, preset, per_category=args.per_category,
                          images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                          cfg=args.cfg, cfg_interval=args.cfg_interval, shift=args.shift, schedule=args.schedule,
@@ -747,11 +747,11 @@ def main_edit(args, device) -> int:
     """python eval.py --edit [--ckpt DIR]: edit accuracy per kind and overall, as JSON."""
 
     from checkpoint import read_preset
-    from edit import DEFAULT_EDIT_CKPT, load_edit_model
-    from sample import DEFAULT_EMOJI_CKPT
+    from edit import TOY_EDIT_CKPT, load_edit_model
+    from sample import DEFAULT_CKPT
 
     world = {"shapes": "shapesworld", "emoji": "emojiworld"}[args.world]
-    default = DEFAULT_EMOJI_CKPT if world == "emojiworld" else DEFAULT_EDIT_CKPT
+    default = DEFAULT_CKPT if world == "emojiworld" else TOY_EDIT_CKPT
     trained_on = read_preset(args.ckpt or default)[0].train.world  # checked before any weights load
     if trained_on != world:
         raise ValueError(f"{args.ckpt or default} edits {trained_on or 'real images'}, not the --world "

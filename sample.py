@@ -4,8 +4,8 @@ Paper Algorithm 2 (inference), Sec. 4.1 / Fig. 7 (latency breakdown), App. B.6 (
 rescale, linear-quadratic schedule), App. B.7 / Fig. 14 (router visualisation).
 docs/design.md §15.2 (CLI contract).
 
-    python sample.py "a red circle to the left of a blue square"          # → sample.png
-    python sample.py "three squares" --seed 3 --cfg 5 --out three.png
+    python sample.py "a dog holding a sign"                               # → sample.png
+    python sample.py "three squares" --ckpt checkpoints/toy --seed 3 --out three.png  # ShapesWorld
     python sample.py --prompts prompts.txt --outdir out/                  # out/0000.png, …
     python sample.py "a blue triangle" --profile                          # Fig. 7-style table
     python sample.py "a blue triangle" --router-viz viz/                  # Fig. 14-style PNGs
@@ -16,8 +16,9 @@ Inference (Alg. 2):
     z_1 ~ N(0, I);  for each step: R(c, t, z_t) ─► top-k (ε = 0) ─► G ─► v̂ ─► Euler step
     z_0 ─► codec.decode ─► image
 
-With no --ckpt the small checkpoint shipped in checkpoints/toy/ is used, so this works on a
-fresh machine right after `pip install -r requirements.txt`, without a GPU or a download.
+With no --ckpt the small EmojiWorld checkpoint shipped in checkpoints/emoji/ is used (it also
+edits: edit.py), so this works on a fresh machine right after `pip install -r requirements.txt`,
+without a GPU or a download. checkpoints/toy/ is the ShapesWorld benchmark model.
 
 Glossary: B batch · L context tokens · m und. states · n gen blocks · k selected · T steps.
 """
@@ -35,8 +36,8 @@ from PIL import Image
 from flow import euler_sample, sampling_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "toy")
-DEFAULT_EMOJI_CKPT = os.path.join(HERE, "checkpoints", "emoji")  # EmojiWorld: draws and edits (train.py --preset emoji)
+DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "emoji")  # EmojiWorld: draws and edits (train.py --preset emoji)
+TOY_CKPT = os.path.join(HERE, "checkpoints", "toy")  # ShapesWorld, the benchmark model (eval.py's default)
 
 
 #################################################################################
@@ -382,7 +383,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="sample.png")
     p.add_argument("--grid", metavar="FILE.png", help="with --prompts: also write all images as one grid")
     p.add_argument("--ncol", type=int, default=8, help="grid columns")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint dir or run dir (default: the shipped toy)")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint dir or run dir (default: the shipped EmojiWorld model)")
     add_sampler_args(p)
     p.add_argument("--size", type=int, help="image size in pixels (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward batch")

@@ -334,9 +334,19 @@ def test_edit_cli_single_and_jsonl(edit_ckpt, tmp_path, capsys, assert_same_imag
     lines = [{"image": "big.png", "instruction": "remove the blue square"},
              {"image": "src.png", "instruction": "make the red circle blue"}]
     (tmp_path / "e.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    grid = tmp_path / "grid.png"
     assert edit.main(edit.parse_args(["--edits", str(tmp_path / "e.jsonl"), "--outdir", str(tmp_path / "d"),
-                                      "--ckpt", edit_ckpt, "--seed", "2"])) == 0
+                                      "--ckpt", edit_ckpt, "--seed", "2", "--grid", str(grid)])) == 0
     assert sorted(os.listdir(tmp_path / "d")) == ["0000.png", "0001.png"]
+    # --grid: the sources (as the model saw them) above their edits, each tile ×3 with a 2 px frame
+    g = np.asarray(Image.open(grid))
+    assert g.shape == (2 * (3 * S + 2) + 2, 2 * (3 * S + 2) + 2, 3)
+    tile = lambda r, c: g[2 + r * (3 * S + 2):2 + r * (3 * S + 2) + 3 * S:3, 2 + c * (3 * S + 2):2 + c * (3 * S + 2) + 3 * S:3]  # noqa: E731
+    assert np.array_equal(tile(0, 1), img)
+    assert np.array_equal(tile(1, 0), np.asarray(Image.open(tmp_path / "d" / "0000.png")))
+    assert np.array_equal(tile(1, 1), np.asarray(Image.open(tmp_path / "d" / "0001.png")))
+    with pytest.raises(ValueError, match="--grid needs --edits"):
+        edit.main(edit.parse_args([str(tmp_path / "src.png"), "add a green triangle", "--grid", str(grid)]))
     # line i with --seed S is the same image as that edit alone with --seed S+i (up to rounding)
     assert_same_image(Image.open(tmp_path / "d" / "0001.png"), single)
     # another instruction gives another picture (CFG on the instruction reaches the output)

@@ -350,7 +350,7 @@ def test_bf16_weights_load_into_the_fp32_model_and_grow(tmp_path):
     assert torch.equal(grown.gen.blocks[0].qkv.weight, loaded.gen.blocks[0].qkv.weight)
 
 
-@pytest.mark.parametrize("name", ["toy", "toy_edit"])
+@pytest.mark.parametrize("name", ["toy", "toy_edit", "emoji"])
 def test_shipped_checkpoints_fit_the_repository_and_load(name):
     """The issue's limit: a shipped checkpoint is at most 20 MB, and it loads as it is."""
     ckpt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", name)
