@@ -728,11 +728,11 @@ DETECT_BOX_TOL = 1           # a unit box edge may lie this many px from the com
 # the detector compares shapes and colours, not outline detail: both the observation and each
 # candidate unit are blurred (Gaussian, σ = DETECT_BLUR px) before the mean RGB distance over
 # the pixels either draws. Rendered units measure 0; a dog half faded to the background
-# measures ~41 to its best unit; generated glyphs a person names correctly measured 19–36
+# measures ~41 to its best unit; generated glyphs whose nearest unit was right measured 19–36
 # (docs/design.md §14). Which unit is nearest decides what a component is (a cat stays a cat,
 # glasses 7 px below the eyes explain best as no glasses); the cap decides junk.
 DETECT_BLUR = 1.5
-_BLUR_R = 3  # the kernel's radius, 2σ rounded up
+_BLUR_R = math.ceil(2 * DETECT_BLUR)  # the kernel's radius, 2σ rounded up (3 px)
 DETECT_MAX_DISTANCE = 38.0
 
 
