@@ -24,16 +24,26 @@ one thing against MoS as shipped):
     eps0           no ε-greedy exploration                           App. B.3, Fig. 10
     random_tower   an untrained MiniLM of the same shape             Sec. 3.1's premise, App. B.4
     static         ours: one learned layer mix for all inputs        Sec. 4.1's "adaptive, not fixed"
-Not here: MoT (Fig. 6) needs symmetric towers with one-to-one blocks, and EmojiWorld's synonym
-score (docs/design.md §14) waits for EmojiWorld to exist.
+and on EmojiWorld (`EMOJI_VARIANTS`, the emoji preset's base setting; scored on held-out synonyms):
+    emoji_mos           MoS as shipped, the pre-trained MiniLM tower
+    emoji_random_tower  the same with the untrained tower: can it draw "a puppy" having seen only "dog"?
+Not here: MoT (Fig. 6) needs symmetric towers with one-to-one blocks.
 
-The budget (`STEPS`, `PER_CATEGORY`): the toy's 20-minute batch-8 recipe, 9000 steps of 8
-(lr 1e-3 → 1e-4, t_shift 2), which scored 0.540 / 0.517 on two prompt sets
-(docs/experiments.md §4), clear of both the floor (blank or junk images score ~0) and the
-ceiling (the shipped 102000-step toy scores 0.81), with its weak categories (position, colour
-attribution) mid-range where a better routing has room to show. Each run is scored on the
-standard 600-image set (50 prompts per category × 2 images, prompt set 0), whose sampling
-error on "overall" is about ±0.02 (§0). `--dry` gives the estimated CPU time.
+The budget (`STEPS`, `PER_CATEGORY`): 6000 steps of batch 8 (lr 1e-3 → 1e-4, t_shift 2), two
+thirds of the toy's 20-minute batch-8 recipe, which at 9000 steps scored 0.540 / 0.517 on two
+prompt sets (docs/experiments.md §4). The study must sit clear of the floor (blank or junk images
+score ~0) and of the ceiling (the shipped toy scores 0.80), with the weak categories (position,
+colour attribution) mid-range where a better routing has room to show, at a cost that 3 × 11
+runs can pay. A first try at 3000 steps sat on the floor: MoS scored 0.072 (0.083 from the raw
+weights instead of the EMA, so not the average's lag) — 52 of its 100 single-object images junk;
+at batch 8 the toy takes off between 3000 and 9000 steps. Each run is scored on the standard
+600-image set (50 prompts per category × 2 images, prompt set 0), whose sampling error on
+"overall" is about ±0.02 (§0). `--dry` gives the estimated CPU time.
+
+The EmojiWorld rows (`EMOJI_STEPS`, 8000 steps): the emoji preset's first phase scored 0.16
+overall and 0.09 on synonyms at its step 6000 and 0.43 / 0.25 at step 14000 (10 prompts per
+category, 40 synonym prompts); 8000 steps with their own cosine are meant to put the
+pre-trained row's synonyms well above zero, where an untrained tower's failure can show.
 
 Resumable: every run lives in <runs>/<variant>/seed-<s>/ (train.log, eval.log, eval.json,
 times.json). A run whose eval.json exists is done; one whose final checkpoint exists is only
@@ -82,6 +92,7 @@ class Variant:
     sets: tuple[str, ...]  # train.py --set assignments on the toy preset
     tests: str  # where in the paper
     paper: str  # the paper's corresponding result, in its own numbers (MJHQ FID ↓ / CLIP ↑ unless said)
+    world: str = "shapes"  # "shapes": the main table; "emoji": the synonym test (EMOJI_VARIANTS)
 
 
 # In every row the paper finds (or its premise predicts) that MoS as shipped is the better one.
@@ -124,18 +135,36 @@ VARIANTS: tuple[Variant, ...] = (
             "no such run; 'layer selection should be adaptive, not fixed' predicts MoS ahead of a "
             "learned mix that ignores the input"),
 )
-BY_NAME = {v.name: v for v in VARIANTS}
-REFERENCE = "mos"
+# The premise test on EmojiWorld. ShapesWorld's vocabulary is closed — every word of a test
+# prompt was in training — so an untrained tower, whose states still tell tokens apart, may fit
+# it as well as a pre-trained one. EmojiWorld holds out synonyms (puppy, shades, spectacles; see
+# emojiworld.py) that no training caption uses: only a tower that already knows "puppy" is near
+# "dog" can draw them. These rows train the emoji preset's base setting (6 blocks, text to image)
+# and are scored on its benchmark and its held-out synonyms; the verdict reads the synonyms.
+EMOJI_VARIANTS: tuple[Variant, ...] = (
+    Variant("emoji_mos", "MoS (as shipped)", (), "App. A",
+            "the reference: the pre-trained all-MiniLM-L6-v2 tower", world="emoji"),
+    Variant("emoji_random_tower", "random tower", ("model.tower_init=random",), "Sec. 3.1, App. B.4",
+            "no such run; the premise that a pre-trained tower's states carry the concepts predicts "
+            "held-out words fail", world="emoji"),
+)
+BY_NAME = {v.name: v for v in VARIANTS + EMOJI_VARIANTS}
+REFERENCE, EMOJI_REFERENCE = "mos", "emoji_mos"
 
 #################################################################################
 #                              The recipe and its cost                          #
 #################################################################################
 
-STEPS = 9000  # the 20-minute batch-8 recipe (docs/experiments.md §3–§4)
+STEPS = 6000  # two thirds of the 20-minute batch-8 recipe (docs/experiments.md §4): see the header
 SEEDS = 3  # training seeds 0, 1, 2: model init, data order, noise, ε draws
 PER_CATEGORY = 50  # eval prompts per category, × 2 images = 600 images
 EVAL_SEED = 0  # prompt set and noise of the benchmark: the same for every run
 CKPT_EVERY = 1000  # an interruption loses at most this many steps
+# The EmojiWorld rows: long enough for the pre-trained row to draw named glyphs (see the header),
+# scored on 25 prompts per category × 2 images and 100 held-out-synonym prompts × 2.
+EMOJI_STEPS = 8000
+EMOJI_PER_CATEGORY = 25
+EMOJI_SYNONYMS = 100
 # Every run: the toy preset's base setting (batch 8, 6 blocks, lr 1e-3 → 1e-4, warm-up 200,
 # t_shift 2), no sample grids, compiled (1.3× a step, the same score: docs/experiments.md §4).
 COMMON_SETS = ("train.sample_every=0",)
@@ -146,6 +175,7 @@ COMPILE_SET = "train.compile=inductor"
 TRAIN_CPU_S_PER_STEP = 0.33  # 9000 compiled steps in 24.6 min wall on 2 cores (§4)
 COMPILE_CPU_S = 400  # a cold Inductor compile, ~3.3 min wall (§4); once per variant, cached after
 EVAL_CPU_S_PER_IMAGE = 0.6  # 600 images in ~9 min wall on 2 cores at 18 blocks (§12), × 6/18 blocks
+EMOJI_EVAL_IMAGES = (EMOJI_PER_CATEGORY * 6 + EMOJI_SYNONYMS) * 2  # six benchmark categories + synonyms
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # eval.CATEGORIES
 CATEGORY_LABELS = ("single", "two obj.", "counting", "colours", "position", "colour attr.")
@@ -166,8 +196,9 @@ class Run:
 
 
 def plan(runs_dir: str, names: list[str], seeds: int) -> list[Run]:
-    """The runs of the study, variant by variant: every seed of one row before the next row."""
-    return [Run(BY_NAME[n], s, os.path.join(runs_dir, n, f"seed-{s}")) for n in names for s in range(seeds)]
+    """The runs of the study, seed by seed: every row's seed 0 before any row's seed 1, so a study
+    cut short leaves every row with the same number of seeds (and the table already comparable)."""
+    return [Run(BY_NAME[n], s, os.path.join(runs_dir, n, f"seed-{s}")) for s in range(seeds) for n in names]
 
 
 def last_step(run_dir: str) -> int:
@@ -178,6 +209,11 @@ def last_step(run_dir: str) -> int:
     return max(steps, default=0)
 
 
+def run_steps(run: Run, steps: int, emoji_steps: int) -> int:
+    """The training budget of this run's world."""
+    return emoji_steps if run.variant.world == "emoji" else steps
+
+
 def state(run: Run, steps: int) -> str:
     """"done" (evaluated), "trained" (to evaluate), "step N" (to resume) or "todo"."""
     if os.path.exists(run.eval_json):
@@ -186,10 +222,14 @@ def state(run: Run, steps: int) -> str:
     return "trained" if done >= steps else f"step {done}" if done else "todo"
 
 
-def estimate_cpu_s(steps_left: int, evaluate: bool, per_category: int, compiles: bool) -> float:
-    """CPU-seconds for `steps_left` training steps (+ a cold compile) and, if asked, one eval."""
+def estimate_cpu_s(steps_left: int, evaluate: bool, images: int, compiles: bool) -> float:
+    """CPU-seconds for `steps_left` training steps (+ a cold compile) and, if asked, an eval of `images`."""
     return (steps_left * TRAIN_CPU_S_PER_STEP + (COMPILE_CPU_S if compiles and steps_left else 0.0)
-            + (per_category * len(CATEGORIES) * 2 * EVAL_CPU_S_PER_IMAGE if evaluate else 0.0))
+            + (images * EVAL_CPU_S_PER_IMAGE if evaluate else 0.0))
+
+
+def eval_images(run: Run, per_category: int) -> int:
+    return EMOJI_EVAL_IMAGES if run.variant.world == "emoji" else per_category * len(CATEGORIES) * 2
 
 
 def train_command(run: Run, steps: int, compiled: bool, threads: int | None) -> list[str]:
@@ -201,14 +241,18 @@ def train_command(run: Run, steps: int, compiled: bool, threads: int | None) -> 
     else:
         sets = [*run.variant.sets, f"train.seed={run.seed}", f"train.ckpt_every={min(CKPT_EVERY, steps)}",
                 *COMMON_SETS, *([COMPILE_SET] if compiled else [])]
-        cmd += ["--preset", "toy", "--steps", str(steps), "--out", run.dir, "--set", *sets]
+        preset = "emoji" if run.variant.world == "emoji" else "toy"  # --steps: the preset's base setting alone
+        cmd += ["--preset", preset, "--steps", str(steps), "--out", run.dir, "--set", *sets]
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
 def eval_command(run: Run, per_category: int, eval_seed: int) -> list[str]:
-    """eval.py on the run's final checkpoint (its EMA), the preset's sampler (30 steps, CFG 3, t ≤ 0.8)."""
+    """eval.py on the run's final checkpoint (its EMA), the preset's sampler (30 steps, CFG 3, t ≤ 0.8);
+    an EmojiWorld row on the emoji benchmark and its held-out synonyms."""
+    world = (["--world", "emoji", "--synonyms", str(EMOJI_SYNONYMS)] if run.variant.world == "emoji" else [])
+    per_category = EMOJI_PER_CATEGORY if run.variant.world == "emoji" else per_category
     return [sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", run.dir, "--seed", str(eval_seed),
-            "--per-category", str(per_category), "--out", run.eval_json]
+            "--per-category", str(per_category), *world, "--out", run.eval_json]
 
 
 #################################################################################
@@ -263,10 +307,11 @@ def do_run(run: Run, args, bar) -> str | None:
     os.makedirs(run.dir, exist_ok=True)
     if os.path.exists(run.eval_json):
         return None
-    if last_step(run.dir) < args.steps:
+    steps = run_steps(run, args.steps, args.emoji_steps)
+    if last_step(run.dir) < steps:
         bar.set_description(f"{run}: {'resuming' if last_step(run.dir) else 'training'}")
-        rc = run_command(train_command(run, args.steps, not args.eager, args.threads), run.dir, "train", args.threads)
-        if rc != 0 or last_step(run.dir) < args.steps:
+        rc = run_command(train_command(run, steps, not args.eager, args.threads), run.dir, "train", args.threads)
+        if rc != 0 or last_step(run.dir) < steps:
             return f"training {run} stopped (exit {rc}) at step {last_step(run.dir)}; see {run.dir}/train.log"
         prune_checkpoints(run.dir, last_step(run.dir))
     bar.set_description(f"{run}: evaluating")
@@ -299,7 +344,7 @@ def check_study(runs_dir: str, recipe: dict) -> None:
 def load_results(runs_dir: str, seeds: int) -> dict[str, list[dict]]:
     """{variant: the eval JSONs of its seeds 0..seeds-1 that exist}, each with its times.json."""
     out = {}
-    for run in plan(runs_dir, [v.name for v in VARIANTS], seeds):
+    for run in plan(runs_dir, list(BY_NAME), seeds):
         if os.path.exists(run.eval_json):
             with open(run.eval_json) as f:
                 out.setdefault(run.variant.name, []).append(json.load(f) | {"times": read_times(run.dir)})
@@ -313,15 +358,21 @@ def sampling_var(ev: dict) -> float:
     return sum(ev[c] * (1 - ev[c]) / n_c for c in CATEGORIES) / len(CATEGORIES) ** 2
 
 
+def spread(xs: list[float], sampling_vars: list[float]) -> tuple[float, float, float]:
+    """Mean, std over seeds, and the standard error of the mean. The seeds' spread already holds
+    the eval's sampling error, but 3 seeds can land close by chance; the standard error is never
+    taken below what the images alone allow."""
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return mean, std, max(std / math.sqrt(n), math.sqrt(sum(sampling_vars)) / n)
+
+
 def stats(evals: list[dict]) -> dict:
     """Mean, std (over seeds), standard error and per-category means of a row's evals."""
     xs = [ev["overall"] for ev in evals]
     n = len(xs)
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    # The seeds' spread already holds the eval's sampling error, but 3 seeds can land close by
-    # chance; the standard error is never taken below what the images alone allow.
-    se = max(std / math.sqrt(n), math.sqrt(sum(sampling_var(ev) for ev in evals) / n ** 2))
+    mean, std, se = spread(xs, [sampling_var(ev) for ev in evals])
     held = [ev["held_out"] for ev in evals if ev.get("held_out") is not None]
     return {"n": n, "mean": mean, "std": std, "se": se, "values": xs,
             "categories": {c: sum(ev[c] for ev in evals) / n for c in CATEGORIES},
@@ -357,6 +408,59 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+EMOJI_CATEGORIES = ("single", "two", "counting", "position", "holding", "wearing")  # eval.py --world emoji
+
+
+def emoji_summary(results: dict[str, list[dict]]) -> list[dict]:
+    """The EmojiWorld rows: benchmark overall, single glyphs and held-out synonyms, each (mean,
+    std, SE) over seeds; Δ and the verdict compare the synonyms with the MoS row's."""
+    rows = []
+    for v in EMOJI_VARIANTS:
+        evals = results.get(v.name, [])
+        if not evals:
+            rows.append({"variant": v, "stats": None, "verdict": "not run"})
+            continue
+        n_c = [ev["per_category"] * ev["images_per_prompt"] for ev in evals]  # images per category
+        n_syn = [ev["n"] - len(EMOJI_CATEGORIES) * k for ev, k in zip(evals, n_c)]  # synonym images
+        overall_var = [sum(ev[c] * (1 - ev[c]) for c in EMOJI_CATEGORIES) / k / len(EMOJI_CATEGORIES) ** 2
+                       for ev, k in zip(evals, n_c)]
+        s = {"n": len(evals),
+             "overall": spread([ev["overall"] for ev in evals], overall_var),
+             "single": spread([ev["single"] for ev in evals], [ev["single"] * (1 - ev["single"]) / k
+                                                               for ev, k in zip(evals, n_c)]),
+             "synonyms": spread([ev["synonyms"] for ev in evals], [ev["synonyms"] * (1 - ev["synonyms"]) / k
+                                                                   for ev, k in zip(evals, n_syn)]),
+             "values": [ev["synonyms"] for ev in evals], "single_values": [ev["single"] for ev in evals]}
+        rows.append({"variant": v, "stats": s})
+    ref = rows[0]["stats"]
+    rows[0]["verdict"] = "reference" if ref else "not run"
+    for row in rows[1:]:
+        s = row["stats"]
+        if s is None or ref is None:
+            row["verdict"] = "not run"
+            continue
+        row["delta"] = s["synonyms"][0] - ref["synonyms"][0]
+        row["delta_se"] = math.sqrt(s["synonyms"][2] ** 2 + ref["synonyms"][2] ** 2)
+        row["verdict"] = verdict(row["delta"], row["delta_se"], s["n"], ref["n"])
+    return rows
+
+
+def emoji_table(rows: list[dict]) -> str:
+    head = ["variant", "paper", "benchmark overall", "single glyph", "held-out synonyms, mean ± std (seeds)",
+            "Δ synonyms vs MoS ± SE", "the paper's premise", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v, s = row["variant"], row["stats"]
+        if s is None:
+            cells = ["—"] * 4
+        else:
+            cells = [f"{s['overall'][0]:.3f} ± {s['overall'][1]:.3f}", f"{s['single'][0]:.2f} ± {s['single'][1]:.2f}",
+                     f"**{s['synonyms'][0]:.3f}** ± {s['synonyms'][1]:.3f} ({s['n']})",
+                     f"{row['delta']:+.3f} ± {row['delta_se']:.3f}" if "delta" in row else "—"]
+        lines.append("| " + " | ".join([v.label, v.tests, *cells, v.paper, row["verdict"]]) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ["variant", "paper", "overall, mean ± std (seeds)", "Δ vs MoS ± SE", *CATEGORY_LABELS, "held-out",
             "the paper's result", "verdict"]
@@ -378,15 +482,34 @@ VERDICT_COLOURS = {"reference": "#1f77b4", "reproduces": "#2ca02c", "reverses": 
                    "within noise": "#9e9e9e", "too few seeds": "#cfcfcf", "not run": "#ffffff"}
 
 
-def write_chart(rows: list[dict], path: str, title: str) -> None:
+def write_chart(rows: list[dict], path: str, title: str, emoji: list[dict] | None = None) -> None:
     """Bars of mean overall per variant, error bars one std over seeds, each seed a dot; the
-    bar's colour is its verdict, the dashed line MoS's mean."""
+    bar's colour is its verdict, the dashed line MoS's mean. With EmojiWorld results, a second
+    panel: single glyphs (light) beside held-out synonyms (coloured by verdict) per row."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    emoji = [r for r in emoji or [] if r["stats"]]
+    if emoji:
+        fig, (ax, ax_e) = plt.subplots(1, 2, figsize=(12.5, 4.5), gridspec_kw={"width_ratios": [len(rows), 3]})
+        for i, row in enumerate(emoji):
+            s = row["stats"]
+            ax_e.bar(i - 0.2, s["single"][0], width=0.4, yerr=s["single"][1], capsize=3, color="#dddddd",
+                     edgecolor="black", linewidth=0.6, label="single glyph" if i == 0 else None)
+            ax_e.bar(i + 0.2, s["synonyms"][0], width=0.4, yerr=s["synonyms"][1], capsize=3,
+                     color=VERDICT_COLOURS[row["verdict"]], edgecolor="black", linewidth=0.6,
+                     label="held-out synonyms" if i == 0 else None)
+            ax_e.scatter([i - 0.2] * s["n"], s["single_values"], s=10, color="black", zorder=3)
+            ax_e.scatter([i + 0.2] * s["n"], s["values"], s=10, color="black", zorder=3)
+        ax_e.set_xticks(range(len(emoji)), [r["variant"].label for r in emoji], rotation=30, ha="right")
+        ax_e.set_ylim(0, 1)
+        ax_e.set_ylabel("EmojiWorld accuracy (mean ± std over seeds)")
+        ax_e.set_title("EmojiWorld: words never in training", fontsize=10)
+        ax_e.legend(fontsize=8, loc="upper right")
+    else:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, row in enumerate(rows):
         s = row["stats"]
         if s is None:
@@ -401,8 +524,9 @@ def write_chart(rows: list[dict], path: str, title: str) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
     used = dict.fromkeys(r["verdict"] for r in rows if r["stats"] is not None)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor=VERDICT_COLOURS[k], edgecolor="black") for k in used],
-              labels=list(used), fontsize=8, loc="upper right")
+    if used:  # a study with no ShapesWorld result yet has no bars to explain
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor=VERDICT_COLOURS[k], edgecolor="black")
+                           for k in used], labels=list(used), fontsize=8, loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=120)
@@ -417,17 +541,18 @@ DISCUSSION_MARKER = "<!-- discussion: written by hand; ablate.py keeps everythin
 
 def write_report(runs_dir: str, seeds: int, doc: str, chart: str, command: str, recipe: dict) -> list[dict]:
     """docs/ablations.md (table, chart, command, CPU time) and docs/ablations.png from the eval
-    JSONs under runs_dir. Returns the rows."""
+    JSONs under runs_dir. Returns the rows, ShapesWorld's then EmojiWorld's."""
     results = load_results(runs_dir, seeds)
     rows = summarise(results)
     evals = [ev for evs in results.values() for ev in evs]
     cpu = {part: sum(ev["times"].get(f"{part}_cpu_s", 0.0) for ev in evals) for part in ("train", "eval")}
     wall = sum(ev["times"].get("train_wall_s", 0.0) + ev["times"].get("eval_wall_s", 0.0) for ev in evals)
     untimed = sum(1 for ev in evals if "train_cpu_s" not in ev["times"])
+    emoji = emoji_summary(results)
     write_chart(rows, chart, f"ShapesWorld, {recipe['steps']} steps of batch 8, {seeds} training seeds, "
-                             f"{recipe['per_category'] * len(CATEGORIES) * 2} eval images per run")
-    complete = sum(1 for r in rows if r["stats"] and r["stats"]["n"] >= seeds)
-    counts = {k: sum(1 for r in rows if r["verdict"] == k) for k in ("reproduces", "reverses", "within noise")}
+                             f"{recipe['per_category'] * len(CATEGORIES) * 2} eval images per run", emoji)
+    complete = sum(1 for r in rows + emoji if r["stats"] and r["stats"]["n"] >= seeds)
+    counts = {k: sum(1 for r in rows + emoji if r["verdict"] == k) for k in ("reproduces", "reverses", "within noise")}
     inside = os.path.commonpath([runs_dir, ROOT]) == ROOT
     where = os.path.relpath(runs_dir, ROOT) if inside else runs_dir
     compiled = ", compiled" if recipe["compile"] else ""
@@ -444,13 +569,13 @@ figures above the discussion are rewritten every time it runs.
 **Command** (from a clean checkout): `{command}`
 
 **Recipe.** Every variant trains the toy preset's base setting for {recipe['steps']} steps of batch 8
-(6 blocks, lr 1e-3 → 1e-4 cosine, t_shift 2{compiled}: the 20-minute batch-8 recipe of
-`docs/experiments.md` §4) with training seeds {', '.join(map(str, range(seeds)))}, and is scored with
+(6 blocks, lr 1e-3 → 1e-4 cosine, t_shift 2{compiled}; the budget is explained in `ablate.py`'s
+header) with training seeds {', '.join(map(str, range(seeds)))}, and is scored with
 `python eval.py --seed {recipe['eval_seed']} --per-category {recipe['per_category']}`: the same
 {images} images (prompts and noise) for every run, 30 Euler steps, CFG 3 for t ≤ 0.8.
 Each row changes one thing against MoS as shipped (`ablate.VARIANTS` gives its `--set`).
 
-**Rows complete:** {complete} of {len(rows)} at {seeds} seeds. **Total CPU time:** {cpu_line}.
+**Rows complete:** {complete} of {len(rows) + len(emoji)} at {seeds} seeds. **Total CPU time:** {cpu_line}.
 
 **Verdict.** Δ = mean(variant) − mean(MoS) over seeds; SE(Δ) = √(SE_v² + SE_MoS²), SE = std/√n
 (never below the eval's own sampling error). |Δ| ≤ 2·SE(Δ): within noise; else *reproduces* when
@@ -461,11 +586,20 @@ setting (LLaMA-3.2-3B tower, 1B generation tower) unless the row says otherwise.
 
 {markdown_table(rows)}
 
-![overall per variant: mean ± std over seeds, one dot per seed, coloured by verdict]({chart_link})
+**The premise on EmojiWorld.** ShapesWorld's test prompts use only training words, which even an
+untrained tower's states tell apart. EmojiWorld's held-out synonyms (puppy, shades, spectacles, …)
+never appear in a training caption. These rows train the `emoji` preset's base setting (6 blocks,
+text to image) for {recipe.get('emoji_steps', EMOJI_STEPS)} steps of batch 8 and are scored with
+`python eval.py --world emoji --seed {recipe['eval_seed']} --per-category {EMOJI_PER_CATEGORY} --synonyms {EMOJI_SYNONYMS}`
+({EMOJI_EVAL_IMAGES} images); the verdict compares the synonyms.
+
+{emoji_table(emoji)}
+
+![mean ± std over seeds per variant, a dot per seed, coloured by verdict; EmojiWorld beside]({chart_link})
 
 Not in the study: MoT (Fig. 6), which needs symmetric towers with one-to-one blocks; Table 4's
 cross-attention blocks (our *last layer* row keeps MoS's in-context blocks and changes only which
-state they read); EmojiWorld's synonym score (`docs/design.md` §14), not built yet.
+state they read).
 
 """
     tail = "## Discussion\n\nTo be written from the table once every row has its seeds.\n"
@@ -477,7 +611,7 @@ state they read); EmojiWorld's synonym score (`docs/design.md` §14), not built 
     with open(doc + ".tmp", "w") as f:
         f.write(text + DISCUSSION_MARKER + "\n\n" + tail)
     os.replace(doc + ".tmp", doc)
-    return rows
+    return rows + emoji
 
 
 #################################################################################
@@ -496,21 +630,25 @@ def print_dry(runs: list[Run], args) -> None:
     # A variant's first seed compiles its graphs; Inductor's on-disk cache serves the others.
     compiles = [not args.eager and r.seed == 0 for r in runs]
     todo = [not os.path.exists(r.eval_json) for r in runs]  # an evaluated run needs nothing, checkpoint or not
-    est = [estimate_cpu_s(args.steps - min(last_step(r.dir), args.steps) if t else 0, t, args.per_category, c)
-           for r, t, c in zip(runs, todo, compiles)]
-    full = [estimate_cpu_s(args.steps, True, args.per_category, c) for c in compiles]  # as if nothing had run
+    steps = [run_steps(r, args.steps, args.emoji_steps) for r in runs]
+    est = [estimate_cpu_s(n - min(last_step(r.dir), n) if t else 0, t, eval_images(r, args.per_category), c)
+           for r, n, t, c in zip(runs, steps, todo, compiles)]
+    full = [estimate_cpu_s(n, True, eval_images(r, args.per_category), c)  # as if nothing had run
+            for r, n, c in zip(runs, steps, compiles)]
     measured = sum(sum(read_times(r.dir).get(k, 0.0) for k in ("train_cpu_s", "eval_cpu_s")) for r in runs)
     names = dict.fromkeys(r.variant.name for r in runs)
     print(f"ablation study: {len(names)} variants × {args.seeds} seeds = {len(runs)} runs in {args.runs}")
     print(f"train: python train.py --preset toy --steps {args.steps} --set <variant> train.seed=S "
           f"train.ckpt_every={min(CKPT_EVERY, args.steps)} {' '.join(COMMON_SETS)}"
           f"{'' if args.eager else ' ' + COMPILE_SET}")
-    print("       (batch 8, 6 blocks, lr 1e-3 → 1e-4, t_shift 2: the 20-minute recipe, ≈ 0.53 on ShapesWorld)")
+    print("       (batch 8, 6 blocks, lr 1e-3 → 1e-4, t_shift 2: the toy preset's base setting)")
     print(f"eval:  python eval.py --ckpt RUN --seed {args.eval_seed} --per-category {args.per_category} "
           f"({args.per_category * len(CATEGORIES) * 2} images per run)")
-    print(f"\n{'variant':<14} {'seed':>4}  {'state':<10} {'est. CPU':>9}  tests / --set")
-    for r, e in zip(runs, est):
-        print(f"{r.variant.name:<14} {r.seed:>4}  {state(r, args.steps):<10} {hours(e):>9}  "
+    print(f"emoji rows: python train.py --preset emoji --steps {args.emoji_steps} …; python eval.py --world emoji "
+          f"--per-category {EMOJI_PER_CATEGORY} --synonyms {EMOJI_SYNONYMS} ({EMOJI_EVAL_IMAGES} images per run)")
+    print(f"\n{'variant':<18} {'seed':>4}  {'state':<10} {'est. CPU':>9}  tests / --set")
+    for r, n, e in zip(runs, steps, est):
+        print(f"{r.variant.name:<18} {r.seed:>4}  {state(r, n):<10} {hours(e):>9}  "
               f"{r.variant.tests}: {' '.join(r.variant.sets) or '(the preset as shipped)'}")
     print(f"\nestimated CPU time: {hours(sum(est))} to go, of {hours(sum(full))} for the whole study "
           f"(≈ {hours(sum(est) / 2)} wall on 2 cores); measured so far: {hours(measured)}")
@@ -526,7 +664,8 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="only rewrite the table and chart from the evals done")
     p.add_argument("--only", default="", help=f"comma-separated variants (default all: {','.join(BY_NAME)})")
     p.add_argument("--seeds", type=int, default=SEEDS, help="training seeds per variant (0 … N-1)")
-    p.add_argument("--steps", type=int, default=STEPS, help="training steps of every run")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps of every ShapesWorld run")
+    p.add_argument("--emoji-steps", type=int, default=EMOJI_STEPS, help="training steps of every EmojiWorld run")
     p.add_argument("--per-category", type=int, default=PER_CATEGORY, help="eval prompts per category (× 2 images)")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="the eval's prompt set and noise")
     p.add_argument("--eager", action="store_true", help="train without torch.compile")
@@ -541,7 +680,7 @@ def parse_args(argv=None):
 def main(args) -> int:
     from tqdm import tqdm
 
-    for flag in ("seeds", "steps", "per_category", "threads"):
+    for flag in ("seeds", "steps", "emoji_steps", "per_category", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -552,15 +691,17 @@ def main(args) -> int:
     # The study's own command, as the report prints it: the settings that change its results.
     command = "python ablate.py" + "".join(
         f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
-        (("steps", STEPS), ("seeds", SEEDS), ("per_category", PER_CATEGORY), ("eval_seed", EVAL_SEED),
-         ("runs", DEFAULT_RUNS)) if getattr(args, k) != d) + (" --eager" if args.eager else "")
+        (("steps", STEPS), ("emoji_steps", EMOJI_STEPS), ("seeds", SEEDS), ("per_category", PER_CATEGORY),
+         ("eval_seed", EVAL_SEED), ("runs", DEFAULT_RUNS)) if getattr(args, k) != d
+    ) + (" --eager" if args.eager else "")
     if args.doc is None:  # a trial study elsewhere must not overwrite the repository's report
         args.doc = (os.path.join(ROOT, "docs", "ablations.md") if args.runs == DEFAULT_RUNS
                     else os.path.join(args.runs, "ablations.md"))
     args.chart = args.chart or os.path.splitext(args.doc)[0] + ".png"
     args.runs = os.path.abspath(args.runs)
     runs = plan(args.runs, names, args.seeds)
-    recipe = {"steps": args.steps, "per_category": args.per_category, "eval_seed": args.eval_seed,
+    recipe = {"steps": args.steps, "emoji_steps": args.emoji_steps, "per_category": args.per_category,
+              "eval_seed": args.eval_seed,
               "compile": "" if args.eager else COMPILE_SET.split("=")[1]}
     if args.dry:
         print_dry(runs, args)

@@ -67,6 +67,12 @@ def test_every_row_changes_exactly_one_setting_of_mos_as_shipped():
         changed = {k: preset[k] for k in reference if preset[k] != reference[k]}
         assert changed == dict([expected[v.name]]), v.name
         assert v.paper and v.tests and v.label  # every row carries the paper's result
+    # EmojiWorld's pair: the emoji preset as shipped, and the same with an untrained tower.
+    mos_e, random_e = ablate.EMOJI_VARIANTS
+    assert (mos_e.world, random_e.world, mos_e.sets) == ("emoji", "emoji", ())
+    emoji = flat(get_preset("emoji").to_dict())
+    preset = flat(apply_overrides(get_preset("emoji"), list(random_e.sets)).to_dict())
+    assert {k: preset[k] for k in emoji if preset[k] != emoji[k]} == {"model.tower_init": "random"}
 
 
 def test_train_and_eval_commands_share_the_recipe_and_resume_from_a_checkpoint(tmp_path):
@@ -82,6 +88,15 @@ def test_train_and_eval_commands_share_the_recipe_and_resume_from_a_checkpoint(t
     ev = ablate.eval_command(run, 50, 0)
     assert ev[1].endswith("eval.py") and ev[2:] == ["--ckpt", run.dir, "--seed", "0", "--per-category", "50",
                                                      "--out", run.eval_json]
+    # An EmojiWorld row trains the emoji preset for its own budget and is scored with its synonyms.
+    emoji = ablate.plan(str(tmp_path), ["emoji_random_tower"], 1)[0]
+    steps = ablate.run_steps(emoji, 3000, 8000)
+    cmd = ablate.train_command(emoji, steps, compiled=True, threads=None)
+    assert cmd[cmd.index("--preset") + 1] == "emoji" and cmd[cmd.index("--steps") + 1] == "8000"
+    assert "model.tower_init=random" in cmd[cmd.index("--set") + 1:]
+    ev = ablate.eval_command(emoji, 50, 0)
+    assert ev[ev.index("--world") + 1] == "emoji" and ev[ev.index("--synonyms") + 1] == str(ablate.EMOJI_SYNONYMS)
+    assert ev[ev.index("--per-category") + 1] == str(ablate.EMOJI_PER_CATEGORY)
 
 
 # -----------------------------------------------------------------------------
@@ -98,23 +113,27 @@ def test_dry_lists_every_run_with_its_estimate_and_runs_nothing(tmp_path, capsys
     assert ablate.main(ablate.parse_args(["--dry", "--runs", runs])) == 0
     out = capsys.readouterr().out
     rows = dry_rows(out)
-    assert len(rows) == len(ablate.VARIANTS) * 3 >= 30
-    assert {(r[0], r[1]) for r in rows} == {(v.name, str(s)) for v in ablate.VARIANTS for s in range(3)}
+    every = ablate.VARIANTS + ablate.EMOJI_VARIANTS
+    assert len(rows) == len(every) * 3 >= 30
+    assert {(r[0], r[1]) for r in rows} == {(v.name, str(s)) for v in every for s in range(3)}
     assert all(r[2] == "todo" for r in rows)
-    per_run = 9000 * ablate.TRAIN_CPU_S_PER_STEP + 600 * ablate.EVAL_CPU_S_PER_IMAGE
-    total = len(rows) * per_run + len(ablate.VARIANTS) * ablate.COMPILE_CPU_S  # one compile per variant
+    per_run = ablate.STEPS * ablate.TRAIN_CPU_S_PER_STEP + 600 * ablate.EVAL_CPU_S_PER_IMAGE
+    per_emoji_run = (ablate.EMOJI_STEPS * ablate.TRAIN_CPU_S_PER_STEP
+                     + ablate.EMOJI_EVAL_IMAGES * ablate.EVAL_CPU_S_PER_IMAGE)
+    total = (len(ablate.VARIANTS) * 3 * per_run + len(ablate.EMOJI_VARIANTS) * 3 * per_emoji_run
+             + len(every) * ablate.COMPILE_CPU_S)  # one compile per variant
     assert f"estimated CPU time: {ablate.hours(total)} to go, of {ablate.hours(total)}" in out
-    assert 20 * 3600 < total < 40 * 3600  # many CPU-hours: the reason it resumes
+    assert total > 5 * 3600  # many CPU-hours: the reason it resumes
     assert not os.path.exists(runs)  # nothing written either
 
     # A finished run costs nothing more; a half-trained one only its remaining steps and the eval.
     write_eval(runs, "mos", 0, 0.5)
-    os.makedirs(os.path.join(runs, "last", "seed-1", "step-004500"))
+    os.makedirs(os.path.join(runs, "last", "seed-1", "step-001500"))
     ablate.main(ablate.parse_args(["--dry", "--runs", runs]))
     rows = {(r[0], r[1]): r for r in dry_rows(capsys.readouterr().out)}
     assert rows[("mos", "0")][2:5] == ["done", "0", "s"]
-    assert rows[("last", "1")][2:4] == ["step", "4500"]
-    left = 4500 * ablate.TRAIN_CPU_S_PER_STEP + 600 * ablate.EVAL_CPU_S_PER_IMAGE
+    assert rows[("last", "1")][2:4] == ["step", "1500"]
+    left = (ablate.STEPS - 1500) * ablate.TRAIN_CPU_S_PER_STEP + 600 * ablate.EVAL_CPU_S_PER_IMAGE
     assert rows[("last", "1")][4:6] == ablate.hours(left).split()
 
 
@@ -152,16 +171,17 @@ def test_resume_skips_finished_runs_and_continues_the_rest(tmp_path, monkeypatch
     monkeypatch.setattr(ablate, "run_command", worker)
     argv = ["--only", "mos,last", "--seeds", "2", "--steps", "4", "--runs", runs]
     assert ablate.main(ablate.parse_args(argv)) == 0
-    assert worker.calls == [
-        ("mos/seed-1", "eval", False),
+    assert worker.calls == [  # seed by seed: every row's seed 0 before any row's seed 1
         ("last/seed-0", "train", True), ("last/seed-0", "eval", False),
+        ("mos/seed-1", "eval", False),
         ("last/seed-1", "train", False), ("last/seed-1", "eval", False),
     ]
     assert sorted(os.listdir(os.path.join(runs, "last", "seed-0"))) == [
         "eval.json", "step-000004", "times.json"]  # only the final checkpoint is kept
     assert os.path.exists(os.path.join(runs, "ablations.md"))  # a study elsewhere reports beside its runs
     with open(os.path.join(runs, "study.json")) as f:
-        assert json.load(f) == {"steps": 4, "per_category": 50, "eval_seed": 0, "compile": "inductor"}
+        assert json.load(f) == {"steps": 4, "emoji_steps": ablate.EMOJI_STEPS, "per_category": 50, "eval_seed": 0,
+                                "compile": "inductor"}
 
     worker.calls.clear()
     assert ablate.main(ablate.parse_args(argv)) == 0
@@ -251,6 +271,44 @@ def test_report_writes_the_table_and_chart_from_eval_jsons_and_keeps_the_discuss
     text = open(doc).read()
     assert text.count(ablate.DISCUSSION_MARKER) == 1 and text.rstrip().endswith("Our own words.")
     assert re.search(r"\| ε = 0 \|.*\*\*0\.400\*\* ± 0\.000 \(1\)", text)
+
+
+def write_emoji_eval(runs, name, seed, single, synonyms, times=None):
+    """An eval.py --world emoji JSON: 25 prompts per category × 2 images and 100 synonym prompts × 2."""
+    d = os.path.join(runs, name, f"seed-{seed}")
+    os.makedirs(d, exist_ok=True)
+    ev = {c: single for c in ablate.EMOJI_CATEGORIES} | {
+        "overall": single, "synonyms": synonyms, "n": 25 * 6 * 2 + 100 * 2, "per_category": 25,
+        "images_per_prompt": 2, "world": "emoji"}
+    with open(os.path.join(d, "eval.json"), "w") as f:
+        json.dump(ev, f)
+    if times:
+        with open(os.path.join(d, "times.json"), "w") as f:
+            json.dump(times, f)
+
+
+def test_emoji_rows_compare_the_held_out_synonyms_and_draw_their_own_panel(tmp_path):
+    runs, doc, chart = str(tmp_path / "abl"), str(tmp_path / "ablations.md"), str(tmp_path / "a.png")
+    for seed in range(3):
+        write_eval(runs, "mos", seed, 0.4)
+        # The same single-glyph score, synonyms far apart: the verdict reads the synonyms.
+        write_emoji_eval(runs, "emoji_mos", seed, 0.6, 0.30 + 0.01 * seed)
+        write_emoji_eval(runs, "emoji_random_tower", seed, 0.6, 0.05 + 0.01 * seed)
+    recipe = {"steps": 3000, "emoji_steps": 8000, "per_category": 50, "eval_seed": 0, "compile": "inductor"}
+    ablate.write_report(runs, 3, doc, chart, "python ablate.py", recipe)
+    text = open(doc).read()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| random tower | Sec. 3.1, App. B.4 | 0.600"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "0.60 ± 0.00" and cells[4] == "**0.060** ± 0.010 (3)"
+    assert cells[5].startswith("-0.250 ± ") and cells[-1] == "reproduces"
+    # SE of a synonym score: 200 images each, so never below √(p(1 − p)/200)/√3.
+    se = float(cells[5].split("± ")[1])
+    assert se >= np.sqrt(0.31 * 0.69 / 200 / 3) - 1e-3
+    assert "for 8000 steps of batch 8" in text and "--synonyms 100" in text
+    img = np.asarray(Image.open(chart).convert("RGB"))
+    assert img.shape[1] > 1400  # the EmojiWorld panel beside the main one (12.5 in at 120 dpi)
+    rgb = np.array([int(ablate.VERDICT_COLOURS["reproduces"][i:i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(img.astype(int) - rgb).sum(-1) == 0).sum() > 100  # the random tower's synonym bar
 
 
 # -----------------------------------------------------------------------------
