@@ -29,16 +29,18 @@ and on EmojiWorld (`EMOJI_VARIANTS`, the emoji preset's base setting; scored on 
     emoji_random_tower  the same with the untrained tower: can it draw "a puppy" having seen only "dog"?
 Not here: MoT (Fig. 6) needs symmetric towers with one-to-one blocks.
 
-The budget (`STEPS`, `PER_CATEGORY`): 6000 steps of batch 8 (lr 1e-3 → 1e-4, t_shift 2), two
-thirds of the toy's 20-minute batch-8 recipe, which at 9000 steps scored 0.540 / 0.517 on two
-prompt sets (docs/experiments.md §4). The study must sit clear of the floor (blank or junk images
-score ~0) and of the ceiling (the shipped toy scores 0.80), with the weak categories (position,
-colour attribution) mid-range where a better routing has room to show, at a cost that 3 × 11
-runs can pay. A first try at 3000 steps sat on the floor: MoS scored 0.072 (0.083 from the raw
-weights instead of the EMA, so not the average's lag) — 52 of its 100 single-object images junk;
-at batch 8 the toy takes off between 3000 and 9000 steps. Each run is scored on the standard
-600-image set (50 prompts per category × 2 images, prompt set 0), whose sampling error on
-"overall" is about ±0.02 (§0). `--dry` gives the estimated CPU time.
+The budget (`STEPS`, `PER_CATEGORY`): 6000 steps of batch 8 (lr 1e-3 → 1e-4, t_shift 2). The MoS
+row must sit clear of the floor (blank or junk images score ~0) and of the ceiling (the shipped
+toy scores 0.80), at a cost that 3 × 11 runs can pay on a 2-core CPU. The toy's 20-minute recipe,
+9000 such steps, scored 0.540 / 0.517 on two prompt sets (docs/experiments.md §4) but costs about
+50 CPU-minutes a run with its eval, 28 CPU-hours for 33 runs. A first try at 3000 steps sat on
+the floor: MoS scored 0.072 (0.083 from the raw weights instead of the EMA, so not the average's
+lag), 52 of its 100 single-object images junk; at batch 8 the toy takes off between 3000 and 9000
+steps. At 6000 MoS's first seed scored 0.233 (single objects 0.51, colours 0.58, the binding
+categories below 0.1), so the study speaks mostly to how fast each variant learns to draw what it
+is told. Each run is scored on the standard 600-image set (50 prompts per category × 2 images,
+prompt set 0), whose sampling error on "overall" is about ±0.02 (§0). `--dry` gives the estimated
+CPU time.
 
 The EmojiWorld rows (`EMOJI_STEPS`, 8000 steps): the emoji preset's first phase scored 0.16
 overall and 0.09 on synonyms at its step 6000 and 0.43 / 0.25 at step 14000 (10 prompts per
