@@ -177,10 +177,11 @@ COMPILE_SET = "train.compile=inductor"
 TRAIN_CPU_S_PER_STEP = 0.33  # 9000 compiled steps in 24.6 min wall on 2 cores (§4)
 COMPILE_CPU_S = 400  # a cold Inductor compile, ~3.3 min wall (§4); once per variant, cached after
 EVAL_CPU_S_PER_IMAGE = 0.6  # 600 images in ~9 min wall on 2 cores at 18 blocks (§12), × 6/18 blocks
-EMOJI_EVAL_IMAGES = (EMOJI_PER_CATEGORY * 6 + EMOJI_SYNONYMS) * 2  # six benchmark categories + synonyms
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # eval.CATEGORIES
 CATEGORY_LABELS = ("single", "two obj.", "counting", "colours", "position", "colour attr.")
+EMOJI_CATEGORIES = ("single", "two", "counting", "position", "holding", "wearing")  # eval.py --world emoji
+EMOJI_EVAL_IMAGES = (EMOJI_PER_CATEGORY * len(EMOJI_CATEGORIES) + EMOJI_SYNONYMS) * 2  # benchmark + synonyms
 
 
 @dataclass(frozen=True)
@@ -408,9 +409,6 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
             row["verdict"] = verdict(row["delta"], row["delta_se"], s["n"], ref["n"])
         rows.append(row)
     return rows
-
-
-EMOJI_CATEGORIES = ("single", "two", "counting", "position", "holding", "wearing")  # eval.py --world emoji
 
 
 def emoji_summary(results: dict[str, list[dict]]) -> list[dict]:

@@ -75,6 +75,14 @@ def test_every_row_changes_exactly_one_setting_of_mos_as_shipped():
     assert {k: preset[k] for k in emoji if preset[k] != emoji[k]} == {"model.tower_init": "random"}
 
 
+def test_the_category_names_are_eval_pys():
+    # ablate.py reads eval.py's JSON without importing it (each run is a subprocess).
+    import eval as eval_py
+
+    assert ablate.CATEGORIES == tuple(eval_py.CATEGORIES) and len(ablate.CATEGORY_LABELS) == len(ablate.CATEGORIES)
+    assert ablate.EMOJI_CATEGORIES == tuple(eval_py.EMOJI_CATEGORIES)
+
+
 def test_train_and_eval_commands_share_the_recipe_and_resume_from_a_checkpoint(tmp_path):
     run = ablate.plan(str(tmp_path), ["k4"], 2)[1]
     cmd = ablate.train_command(run, 9000, compiled=True, threads=None)
