@@ -16,6 +16,7 @@ the steps after a warm-up; compare ratios within one run, not across machines.
 
     python bench/toy_step.py                          # batch 8, 16, 32, 64 + compile at 8
     python bench/toy_step.py --batch 8 --compile-batch 0 --steps 30
+    python bench/toy_step.py --batch 8 --compile-batch 0 --bf16-batch 8   # + bf16 autocast
 """
 
 import argparse
@@ -35,7 +36,7 @@ from gen_tower import load_codec  # noqa: E402
 from und_tower import TowerMemo, load_tower  # noqa: E402
 
 
-def time_steps(preset, batch, steps, warmup, und, codec, compiled=False):
+def time_steps(preset, batch, steps, warmup, und, codec, compiled=False, bf16=False):
     """→ dict of mean ms per step for each part, over `steps` steps after `warmup`."""
     torch.manual_seed(0)
     tower = TowerMemo(und)  # empty: every setting encodes its own captions, as a run does
@@ -51,7 +52,9 @@ def time_steps(preset, batch, steps, warmup, und, codec, compiled=False):
         b = batch_fn(step, batch)
         t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = train.training_step(fwd, b, tower, codec, preset, step)
+        # bf16: the matrix products in bfloat16 (oneDNN's AVX-512 BF16 path where the CPU has one).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _, _ = train.training_step(fwd, b, tower, codec, preset, step)
         loss.backward()
         t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(model.parameters(), preset.train.grad_clip)
@@ -79,6 +82,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile happens here)")
     p.add_argument("--compile-batch", type=int, default=8, help="also time torch.compile at this batch (0: skip)")
+    p.add_argument("--bf16-batch", type=int, default=0, help="also time bf16 autocast (eager) at this batch (0: skip)")
     args = p.parse_args(argv)
     preset = presets.PRESETS["toy"]()
     und, codec = load_tower(preset.model.tower), load_codec(preset.model.codec)
@@ -100,6 +104,12 @@ def main(argv=None):
         print(f"\ntorch.compile at batch {B}: forward + backward {eager['fwd+bwd']:.1f} → {comp['fwd+bwd']:.1f} ms "
               f"({eager['fwd+bwd'] / comp['fwd+bwd']:.2f}× faster) after a first step of "
               f"{comp['first fwd+bwd'] / 1000:.0f} s (compilation)")
+    if args.bf16_batch:
+        B = args.bf16_batch
+        eager = rows.get(B) or time_steps(preset, B, args.steps, args.warmup, und, codec)
+        half = time_steps(preset, B, args.steps, args.warmup, und, codec, bf16=True)
+        print(f"\nbf16 autocast at batch {B}: forward + backward {eager['fwd+bwd']:.1f} → {half['fwd+bwd']:.1f} ms "
+              f"({eager['fwd+bwd'] / half['fwd+bwd']:.2f}× faster)")
 
 
 if __name__ == "__main__":
