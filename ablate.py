@@ -521,7 +521,8 @@ def write_chart(rows: list[dict], path: str, title: str, emoji: list[dict] | Non
         ax.axhline(rows[0]["stats"]["mean"], color=VERDICT_COLOURS["reference"], linestyle="--", linewidth=1)
     ax.set_xticks(range(len(rows)), [r["variant"].label for r in rows], rotation=30, ha="right")
     ax.set_ylabel("ShapesWorld overall (mean ± std over seeds)")
-    ax.set_ylim(0, 1)
+    tops = [r["stats"]["mean"] + r["stats"]["std"] for r in rows if r["stats"]] or [1.0]
+    ax.set_ylim(0, min(1.0, round(max(tops) * 1.25 + 0.05, 1)))  # the floor always in view, the top near the bars
     ax.set_title(title, fontsize=10)
     used = dict.fromkeys(r["verdict"] for r in rows if r["stats"] is not None)
     if used:  # a study with no ShapesWorld result yet has no bars to explain
