@@ -354,11 +354,11 @@ def load_results(runs_dir: str, seeds: int) -> dict[str, list[dict]]:
     return out
 
 
-def sampling_var(ev: dict) -> float:
+def sampling_var(ev: dict, categories: tuple[str, ...] = CATEGORIES) -> float:
     """Variance of one eval's overall score from its finite image set: overall is the mean of C
     category accuracies, each a binomial proportion over n_c images."""
-    n_c = ev.get("per_category", 0) * ev.get("images_per_prompt", 0) or ev["n"] / len(CATEGORIES)
-    return sum(ev[c] * (1 - ev[c]) / n_c for c in CATEGORIES) / len(CATEGORIES) ** 2
+    n_c = ev.get("per_category", 0) * ev.get("images_per_prompt", 0) or ev["n"] / len(categories)
+    return sum(ev[c] * (1 - ev[c]) / n_c for c in categories) / len(categories) ** 2
 
 
 def spread(xs: list[float], sampling_vars: list[float]) -> tuple[float, float, float]:
@@ -422,10 +422,8 @@ def emoji_summary(results: dict[str, list[dict]]) -> list[dict]:
             continue
         n_c = [ev["per_category"] * ev["images_per_prompt"] for ev in evals]  # images per category
         n_syn = [ev["n"] - len(EMOJI_CATEGORIES) * k for ev, k in zip(evals, n_c)]  # synonym images
-        overall_var = [sum(ev[c] * (1 - ev[c]) for c in EMOJI_CATEGORIES) / k / len(EMOJI_CATEGORIES) ** 2
-                       for ev, k in zip(evals, n_c)]
         s = {"n": len(evals),
-             "overall": spread([ev["overall"] for ev in evals], overall_var),
+             "overall": spread([ev["overall"] for ev in evals], [sampling_var(ev, EMOJI_CATEGORIES) for ev in evals]),
              "single": spread([ev["single"] for ev in evals], [ev["single"] * (1 - ev["single"]) / k
                                                                for ev, k in zip(evals, n_c)]),
              "synonyms": spread([ev["synonyms"] for ev in evals], [ev["synonyms"] * (1 - ev["synonyms"]) / k
