@@ -56,12 +56,14 @@ default runs/ablations/, git ignores the checkpoints and logs but tracks study.j
 run's eval.json and times.json: commit them, and a clone on another machine continues the
 study where this one left off (a run cut short in training starts that run again).
 
-The verdict per row (`verdict`): Δ = mean(variant) − mean(MoS) over seeds, with standard error
-SE(Δ) = √(SE_v² + SE_MoS²), SE = std / √n over the seeds (never below the eval's own sampling
-error). |Δ| ≤ 2·SE(Δ) is "within noise"; otherwise "reproduces" when MoS is ahead, as the paper
-finds in every row, and "reverses" when the variant is. With 3 seeds per arm this is a loose
-test (a Welch t of 2 at ~4 degrees of freedom, p ≈ 0.1): a difference it calls real is worth a
-second look, one it calls noise is not shown to exist.
+The verdict per row (`verdict`): the runs are paired by seed. Seed s fixes the data stream, the
+noise and t draws and the ε draws for every row alike, and every run is scored on the same prompts
+and noise, so much of what one seed's luck does to MoS it does to each variant too (common random
+numbers). Δ_s = variant − MoS at seed s; Δ is their mean and SE(Δ) = std(Δ_s) / √n (never below
+the two evals' own sampling error, taken as independent). |Δ| ≤ 2·SE(Δ) is "within noise";
+otherwise "reproduces" when MoS is ahead, as the paper finds in every row, and "reverses" when the
+variant is. With 3 seeds this is a loose test (a t of 2 at 2 degrees of freedom, p ≈ 0.18): a
+difference it calls real is worth a second look, one it calls noise is not shown to exist.
 
 Neighbours: train.py and eval.py do the work, as subprocesses (one run's memory and compiled
 graphs end with it); router.py holds the routing modes, und_tower.py the random tower.
@@ -345,12 +347,13 @@ def check_study(runs_dir: str, recipe: dict) -> None:
 
 
 def load_results(runs_dir: str, seeds: int) -> dict[str, list[dict]]:
-    """{variant: the eval JSONs of its seeds 0..seeds-1 that exist}, each with its times.json."""
+    """{variant: the eval JSONs of its seeds 0..seeds-1 that exist}, each with its seed and times.json."""
     out = {}
     for run in plan(runs_dir, list(BY_NAME), seeds):
         if os.path.exists(run.eval_json):
             with open(run.eval_json) as f:
-                out.setdefault(run.variant.name, []).append(json.load(f) | {"times": read_times(run.dir)})
+                out.setdefault(run.variant.name, []).append(
+                    json.load(f) | {"seed": run.seed, "times": read_times(run.dir)})
     return out
 
 
@@ -382,10 +385,24 @@ def stats(evals: list[dict]) -> dict:
             "held_out": sum(held) / len(held) if held else None}
 
 
-def verdict(delta: float, se: float, n_variant: int, n_reference: int) -> str:
+def paired_delta(ref: list[dict], var: list[dict], score, score_var) -> tuple[float, float, int]:
+    """Δ = variant − MoS seed by seed over the seeds both rows have: (mean Δ, SE(Δ), n pairs).
+    score(ev) reads the compared number, score_var(ev) its sampling variance from the eval's
+    images; an eval without a "seed" (a test's list) counts by position."""
+    by_seed = lambda evals: {ev.get("seed", i): ev for i, ev in enumerate(evals)}  # noqa: E731
+    r, v = by_seed(ref), by_seed(var)
+    seeds = sorted(r.keys() & v.keys())
+    if not seeds:
+        return float("nan"), float("nan"), 0
+    mean, _, se = spread([score(v[s]) - score(r[s]) for s in seeds],
+                         [score_var(v[s]) + score_var(r[s]) for s in seeds])
+    return mean, se, len(seeds)
+
+
+def verdict(delta: float, se: float, n_pairs: int) -> str:
     """The paper finds MoS ahead in every row: Δ = variant − MoS beyond 2·SE(Δ) below zero
     reproduces that, beyond 2·SE(Δ) above zero reverses it, anything nearer is noise."""
-    if n_variant < 2 or n_reference < 2:
+    if n_pairs < 2:
         return "too few seeds"
     if abs(delta) <= 2 * se:
         return "within noise"
@@ -393,41 +410,46 @@ def verdict(delta: float, se: float, n_variant: int, n_reference: int) -> str:
 
 
 def summarise(results: dict[str, list[dict]]) -> list[dict]:
-    """One row per variant (in VARIANTS order): its stats, Δ vs MoS, SE(Δ) and the verdict."""
-    ref = stats(results[REFERENCE]) if results.get(REFERENCE) else None
+    """One row per variant (in VARIANTS order): its stats, the paired Δ vs MoS, SE(Δ), the verdict."""
+    ref = results.get(REFERENCE)
     rows = []
     for v in VARIANTS:
         row = {"variant": v, "stats": stats(results[v.name]) if results.get(v.name) else None}
-        s = row["stats"]
         if v.name == REFERENCE:
-            row["verdict"] = "reference" if s else "not run"
-        elif s is None or ref is None:
+            row["verdict"] = "reference" if ref else "not run"
+        elif row["stats"] is None or not ref:
             row["verdict"] = "not run"
         else:
-            row["delta"] = s["mean"] - ref["mean"]
-            row["delta_se"] = math.sqrt(s["se"] ** 2 + ref["se"] ** 2)
-            row["verdict"] = verdict(row["delta"], row["delta_se"], s["n"], ref["n"])
+            row["delta"], row["delta_se"], n = paired_delta(ref, results[v.name], lambda ev: ev["overall"],
+                                                            sampling_var)
+            row["verdict"] = verdict(row["delta"], row["delta_se"], n)
         rows.append(row)
     return rows
 
 
+def synonym_var(ev: dict) -> float:
+    """Sampling variance of an EmojiWorld eval's synonym score, a binomial proportion over its
+    synonym images (all of the eval's images less the benchmark's)."""
+    n = ev["n"] - len(EMOJI_CATEGORIES) * ev["per_category"] * ev["images_per_prompt"]
+    return ev["synonyms"] * (1 - ev["synonyms"]) / n
+
+
 def emoji_summary(results: dict[str, list[dict]]) -> list[dict]:
     """The EmojiWorld rows: benchmark overall, single glyphs and held-out synonyms, each (mean,
-    std, SE) over seeds; Δ and the verdict compare the synonyms with the MoS row's."""
+    std, SE) over seeds; the paired Δ and the verdict compare the synonyms with the MoS row's."""
     rows = []
     for v in EMOJI_VARIANTS:
         evals = results.get(v.name, [])
         if not evals:
             rows.append({"variant": v, "stats": None, "verdict": "not run"})
             continue
-        n_c = [ev["per_category"] * ev["images_per_prompt"] for ev in evals]  # images per category
-        n_syn = [ev["n"] - len(EMOJI_CATEGORIES) * k for ev, k in zip(evals, n_c)]  # synonym images
         s = {"n": len(evals),
              "overall": spread([ev["overall"] for ev in evals], [sampling_var(ev, EMOJI_CATEGORIES) for ev in evals]),
-             "single": spread([ev["single"] for ev in evals], [ev["single"] * (1 - ev["single"]) / k
-                                                               for ev, k in zip(evals, n_c)]),
-             "synonyms": spread([ev["synonyms"] for ev in evals], [ev["synonyms"] * (1 - ev["synonyms"]) / k
-                                                                   for ev, k in zip(evals, n_syn)]),
+             "single": spread([ev["single"] for ev in evals],
+                              [ev["single"] * (1 - ev["single"]) / (ev["per_category"] * ev["images_per_prompt"])
+                               for ev in evals]),
+             "synonyms": spread([ev["synonyms"] for ev in evals],
+                                [synonym_var(ev) for ev in evals]),
              "values": [ev["synonyms"] for ev in evals], "single_values": [ev["single"] for ev in evals]}
         rows.append({"variant": v, "stats": s})
     ref = rows[0]["stats"]
@@ -437,9 +459,9 @@ def emoji_summary(results: dict[str, list[dict]]) -> list[dict]:
         if s is None or ref is None:
             row["verdict"] = "not run"
             continue
-        row["delta"] = s["synonyms"][0] - ref["synonyms"][0]
-        row["delta_se"] = math.sqrt(s["synonyms"][2] ** 2 + ref["synonyms"][2] ** 2)
-        row["verdict"] = verdict(row["delta"], row["delta_se"], s["n"], ref["n"])
+        row["delta"], row["delta_se"], n = paired_delta(
+            results[EMOJI_VARIANTS[0].name], results[row["variant"].name], lambda ev: ev["synonyms"], synonym_var)
+        row["verdict"] = verdict(row["delta"], row["delta_se"], n)
     return rows
 
 
@@ -576,10 +598,12 @@ Each row changes one thing against MoS as shipped (`ablate.VARIANTS` gives its `
 
 **Rows complete:** {complete} of {len(rows) + len(emoji)} at {seeds} seeds. **Total CPU time:** {cpu_line}.
 
-**Verdict.** Δ = mean(variant) − mean(MoS) over seeds; SE(Δ) = √(SE_v² + SE_MoS²), SE = std/√n
-(never below the eval's own sampling error). |Δ| ≤ 2·SE(Δ): within noise; else *reproduces* when
-MoS is ahead (the paper's finding in every row) and *reverses* when the variant is. With 3 seeds
-per row this is a loose test (p ≈ 0.1). Tally: {counts['reproduces']} reproduce, {counts['reverses']} reverse,
+**Verdict.** Runs are paired by seed (a seed fixes the data, noise and ε draws of every row, and
+every run is scored on the same prompts and noise): Δ = mean of variant − MoS over the seeds both
+have;
+SE(Δ) = std/√n of those differences (never below the two evals' own sampling error).
+|Δ| ≤ 2·SE(Δ): within noise; else *reproduces* when MoS is ahead (the paper's finding in every
+row) and *reverses* when the variant is. With 3 seeds this is a loose test (p ≈ 0.18). Tally: {counts['reproduces']} reproduce, {counts['reverses']} reverse,
 {counts['within noise']} within noise. The paper's numbers are MJHQ FID ↓ / CLIP ↑ of its Sec. 4.1
 setting (LLaMA-3.2-3B tower, 1B generation tower) unless the row says otherwise.
 

@@ -229,16 +229,37 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 
 def test_verdict_compares_the_difference_with_its_standard_error():
-    assert ablate.verdict(-0.10, 0.02, 3, 3) == "reproduces"  # MoS ahead beyond 2 SE
-    assert ablate.verdict(+0.10, 0.02, 3, 3) == "reverses"
-    assert ablate.verdict(-0.03, 0.02, 3, 3) == "within noise"
-    assert ablate.verdict(-0.10, 0.02, 1, 3) == "too few seeds"
+    assert ablate.verdict(-0.10, 0.02, 3) == "reproduces"  # MoS ahead beyond 2 SE
+    assert ablate.verdict(+0.10, 0.02, 3) == "reverses"
+    assert ablate.verdict(-0.03, 0.02, 3) == "within noise"
+    assert ablate.verdict(-0.10, 0.02, 1) == "too few seeds"  # one seed in common
     # Three seeds that land on the same score have std 0, but 600 images still carry their own
     # sampling error (≈ 0.02 on overall at p = 0.5): 0.02 apart is then noise, not a finding.
     same = ablate.stats([fake_eval(0.5)] * 3)
     assert same["std"] == 0 and same["se"] == pytest.approx(np.sqrt(0.25 / 100 / 6 / 3), rel=1e-6)
     rows = ablate.summarise({"mos": [fake_eval(0.5)] * 3, "last": [fake_eval(0.48)] * 3})
     assert rows[1]["verdict"] == "within noise" and rows[1]["delta"] == pytest.approx(-0.02)
+
+
+def test_runs_are_compared_seed_by_seed(tmp_path):
+    # A seed that is lucky for MoS is lucky for the variant too (same data, noise and ε draws): a
+    # variant 0.04 behind at every seed is a finding, though each row's own spread (0.03) is not.
+    runs = str(tmp_path)
+    for seed, (m, worse, mixed) in enumerate([(0.23, 0.19, 0.27), (0.29, 0.25, 0.21), (0.26, 0.22, 0.24)]):
+        for name, x in (("mos", m), ("last", worse), ("hand", mixed)):
+            write_eval(runs, name, seed, x)
+    write_eval(runs, "sample", 1, 0.10)  # a single seed in common with MoS
+    rows = {r["variant"].name: r for r in ablate.summarise(ablate.load_results(runs, 3))}
+    assert rows["last"]["delta"] == pytest.approx(-0.04) and rows["last"]["verdict"] == "reproduces"
+    # Unpaired, the same numbers are noise: SE(Δ) = √2 · 0.03/√3 ≈ 0.0245, and 0.04 < 2·SE.
+    assert abs(rows["last"]["delta"]) < 2 * np.sqrt(2) * 0.03 / np.sqrt(3)
+    assert rows["hand"]["delta"] == pytest.approx(-0.02) and rows["hand"]["verdict"] == "within noise"
+    assert rows["sample"]["delta"] == pytest.approx(0.10 - 0.29) and rows["sample"]["verdict"] == "too few seeds"
+    # The floor: the paired differences of "last" are all -0.04 (std 0), so SE(Δ) is the two
+    # evals' sampling error, √(Σ_s (var_mos,s + var_last,s)) / 3.
+    var = lambda p: sum(p * (1 - p) / 100 for _ in range(6)) / 36  # noqa: E731
+    floor = np.sqrt(sum(var(m) + var(m - 0.04) for m in (0.23, 0.29, 0.26))) / 3
+    assert rows["last"]["delta_se"] == pytest.approx(floor, rel=1e-6)
 
 
 def test_report_writes_the_table_and_chart_from_eval_jsons_and_keeps_the_discussion(tmp_path):
