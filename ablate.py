@@ -389,8 +389,7 @@ def paired_delta(ref: list[dict], var: list[dict], score, score_var) -> tuple[fl
     """Δ = variant − MoS seed by seed over the seeds both rows have: (mean Δ, SE(Δ), n pairs).
     score(ev) reads the compared number, score_var(ev) its sampling variance from the eval's
     images; an eval without a "seed" (a test's list) counts by position."""
-    by_seed = lambda evals: {ev.get("seed", i): ev for i, ev in enumerate(evals)}  # noqa: E731
-    r, v = by_seed(ref), by_seed(var)
+    r, v = ({ev.get("seed", i): ev for i, ev in enumerate(evals)} for evals in (ref, var))
     seeds = sorted(r.keys() & v.keys())
     if not seeds:
         return float("nan"), float("nan"), 0
