@@ -123,10 +123,10 @@ def _toy() -> Preset:
     # and lr 1e-3 beat their alternatives at a fixed step budget. `--steps N` trains this base
     # setting alone (eager, 6 blocks) — the quick way to try a change. Without `--steps` the
     # preset runs its phases: 16000 steps at 6 blocks, then the tower grows to 12 blocks
-    # (`checkpoint.grow_depth`) for 14000 more, each phase a fresh AdamW with its own warm-up
-    # and cosine, compiled (train.compile); the last phase's EMA is exported in bf16
-    # (runs/toy/export). The whole recipe took 108.5 minutes of a
-    # 2-core CPU (docs/experiments.md §14); depth paid more than steps at a fixed depth (§5-6).
+    # (`checkpoint.grow_depth`) for 14000 more and to 18 for 16000 more, each phase a fresh
+    # AdamW with its own warm-up and cosine, compiled (train.compile); the last phase's EMA is
+    # exported in bf16 (runs/toy/export). Depth paid more than steps at a fixed depth
+    # (docs/experiments.md §5-6), and a deeper step costs little more on a CPU (§14).
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
@@ -143,6 +143,8 @@ def _toy() -> Preset:
         phases=[
             [compiled],  # 6 blocks from scratch
             ["model.gen.depth=12", "train.steps=14000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
+             compiled],
+            ["model.gen.depth=18", "train.steps=16000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=2",
              compiled],
         ],
     )

@@ -437,12 +437,12 @@ def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
 
 
 def test_toy_preset_is_one_command(tmp_path, monkeypatch):
-    """`python train.py --preset toy` runs the toy's phases (6 → 12 blocks, exported in
+    """`python train.py --preset toy` runs the toy's phases (6 → 12 → 18 blocks, exported in
     bf16); `--steps N` trains the base setting alone; a finished or started phased run is
     continued with --resume, not overwritten."""
     p = get_preset("toy")
     depths = [apply_overrides(copy.deepcopy(p), a).model.gen.depth for a in p.phases]
-    assert depths == [6, 12] and p.train.export_dtype == "bfloat16"
+    assert depths == [6, 12, 18] and p.train.export_dtype == "bfloat16"
     calls = []
     monkeypatch.setattr(train, "train_phases", lambda preset, out, command, *a, **k: calls.append(
         ("phases", len(preset.phases), out, command)) or "x")
@@ -450,7 +450,7 @@ def test_toy_preset_is_one_command(tmp_path, monkeypatch):
     out = str(tmp_path / "toy")
     assert train.main(train.parse_args(["--preset", "toy", "--out", out])) == 0
     assert train.main(train.parse_args(["--preset", "toy", "--out", out, "--steps", "7"])) == 0
-    assert calls == [("phases", 2, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
+    assert calls == [("phases", 3, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
     os.makedirs(out)
     open(os.path.join(out, "recipe.json"), "w").write("{}")
     with pytest.raises(ValueError, match="already holds a phased run: continue it with --resume"):
