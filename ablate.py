@@ -10,6 +10,7 @@ training seeds, and scored with eval.py on the same ShapesWorld prompts and nois
     python ablate.py --dry              # the runs, their state and estimated CPU time; runs nothing
     python ablate.py                    # run (or continue) the study, then write the report
     python ablate.py --report           # only rewrite the report from the evaluations done so far
+    python ablate.py --jobs 2           # two runs at a time, one thread each (faster on a small CPU)
     python ablate.py --only mos,last --seeds 2 --runs runs/abl-try   # a subset, elsewhere
 
 The rows (`VARIANTS`; each is `train.py --set` assignments on the toy preset, and each changes
@@ -73,12 +74,13 @@ import argparse
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py and eval.py live here
@@ -268,19 +270,27 @@ def eval_command(run: Run, per_category: int, eval_seed: int) -> list[str]:
 def run_command(cmd: list[str], run_dir: str, part: str, threads: int | None = None) -> int:
     """Run one train.py / eval.py (`part` "train" / "eval") to completion, its output appended
     to <run_dir>/<part>.log, and add the child's CPU and wall seconds to times.json — also when
-    the study is interrupted (Ctrl-C reaches the child too, which stops at its last checkpoint).
-    → the exit status."""
+    the study is interrupted (Ctrl-C reaches the child too; it resumes from its last checkpoint).
+    The CPU seconds are this child's own (os.wait4), so runs going side by side (--jobs) do not
+    count each other's. → the exit status."""
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    t0, cpu = time.time(), 0.0
+    with open(os.path.join(run_dir, f"{part}.log"), "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    RUNNING.add(child)
     try:
-        with open(os.path.join(run_dir, f"{part}.log"), "a") as log:
-            log.write(f"$ {shlex.join(cmd)}\n")
-            log.flush()
-            return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        _, status, usage = os.wait4(child.pid, 0)
+        cpu = usage.ru_utime + usage.ru_stime
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return child.returncode
     finally:
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        add_times(run_dir, part, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-                  time.time() - t0)
+        RUNNING.discard(child)
+        add_times(run_dir, part, cpu, time.time() - t0)
+
+
+RUNNING: set[subprocess.Popen] = set()  # the children now running, to pass Ctrl-C on to them
 
 
 def read_times(run_dir: str) -> dict:
@@ -578,7 +588,7 @@ def write_report(runs_dir: str, seeds: int, doc: str, chart: str, command: str, 
     compiled = ", compiled" if recipe["compile"] else ""
     images = recipe["per_category"] * len(CATEGORIES) * 2
     cpu_line = (f"{hours(cpu['train'] + cpu['eval'])} (training {hours(cpu['train'])}, evaluation "
-                f"{hours(cpu['eval'])}; {hours(wall)} wall)")
+                f"{hours(cpu['eval'])}; the runs' wall times add up to {hours(wall)})")
     cpu_line += f"; {untimed} runs have no timing record" if untimed else ""
     chart_link = os.path.relpath(chart, os.path.dirname(os.path.abspath(doc)))
     text = f"""# The paper's ablations in miniature
@@ -691,7 +701,9 @@ def parse_args(argv=None):
     p.add_argument("--per-category", type=int, default=PER_CATEGORY, help="eval prompts per category (× 2 images)")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="the eval's prompt set and noise")
     p.add_argument("--eager", action="store_true", help="train without torch.compile")
-    p.add_argument("--threads", type=int, help="CPU threads for train.py / eval.py (default: all cores)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1); each gets cores / jobs "
+                                                      "threads unless --threads says otherwise")
+    p.add_argument("--threads", type=int, help="CPU threads for each train.py / eval.py (default: cores / jobs)")
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"where the runs live (default {DEFAULT_RUNS})")
     p.add_argument("--doc", help="the report (default: docs/ablations.md for the default --runs, "
                                  "else <runs>/ablations.md)")
@@ -702,7 +714,7 @@ def parse_args(argv=None):
 def main(args) -> int:
     from tqdm import tqdm
 
-    for flag in ("seeds", "steps", "emoji_steps", "per_category", "threads"):
+    for flag in ("seeds", "steps", "emoji_steps", "per_category", "threads", "jobs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -735,16 +747,27 @@ def main(args) -> int:
     if not args.report:
         check_study(args.runs, recipe)
         done = sum(1 for r in runs if os.path.exists(r.eval_json))
-        with tqdm(total=len(runs), initial=done, unit="run", dynamic_ncols=True) as bar:
-            for run in runs:
-                if os.path.exists(run.eval_json):
-                    continue
-                error = do_run(run, args, bar)
-                if error:
-                    errors.append(error)
-                    tqdm.write(f"error: {error}", file=sys.stderr)
-                else:
-                    bar.update(1)
+        todo = [r for r in runs if not os.path.exists(r.eval_json)]
+        # --jobs N: N runs side by side, each with cores / N threads. A toy step is mostly
+        # per-op overhead, so one thread does ~3/4 of two threads' work and two one-thread runs
+        # together ~1.5× one two-thread run (docs/experiments.md §4). Still in seed-major order.
+        args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        with tqdm(total=len(runs), initial=done, unit="run", dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(do_run, run, args, bar) for run in todo]
+            try:
+                for future in futures:
+                    error = future.result()
+                    if error:
+                        errors.append(error)
+                        tqdm.write(f"error: {error}", file=sys.stderr)
+                    else:
+                        bar.update(1)
+            except KeyboardInterrupt:  # start no new run; the running ones stop at their checkpoints
+                for child in list(RUNNING):
+                    child.send_signal(signal.SIGINT)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         if errors:  # the other runs went on; a rerun retries these
             print(f"{len(errors)} of {len(runs)} runs failed; run the same command again to retry them",
                   file=sys.stderr)

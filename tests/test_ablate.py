@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -211,6 +213,44 @@ def test_a_failed_run_is_one_line_and_the_others_go_on(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "error: training hand seed 0 stopped (exit 1) at step 0; see" in err
     assert "1 of 2 runs failed; run the same command again to retry them" in err
+
+
+def test_jobs_run_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    """--jobs 2 on 2 cores: two runs at once (a barrier that only two concurrent trainings pass),
+    one thread each; every run still trains and is evaluated."""
+    runs = str(tmp_path / "abl")
+    worker, barrier, threads = FakeWorker(steps=3), threading.Barrier(2, timeout=10), []
+
+    def side_by_side(cmd, run_dir, part, threads_=None):
+        threads.append(threads_)
+        if part == "train":
+            barrier.wait()  # BrokenBarrierError unless the other run is training at the same time
+        return worker(cmd, run_dir, part)
+
+    monkeypatch.setattr(ablate, "run_command", side_by_side)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    argv = ["--only", "hand,k1", "--seeds", "1", "--steps", "3", "--runs", runs, "--jobs", "2"]
+    assert ablate.main(ablate.parse_args(argv)) == 0
+    assert sorted(worker.calls) == [("hand/seed-0", "eval", False), ("hand/seed-0", "train", False),
+                                    ("k1/seed-0", "eval", False), ("k1/seed-0", "train", False)]
+    assert threads == [1, 1, 1, 1]
+
+
+def test_each_run_is_charged_its_own_cpu_time_when_runs_overlap(tmp_path):
+    """run_command counts the CPU seconds of its own child only: a run that sleeps beside one that
+    computes is charged (almost) nothing, though the other finishes while it waits."""
+    busy = [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"]
+    idle = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    dirs = [str(tmp_path / "busy"), str(tmp_path / "idle")]
+    for d in dirs:
+        os.makedirs(d)
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda a: ablate.run_command(*a), [(busy, dirs[0], "train"), (idle, dirs[1], "train")]))
+    assert codes == [0, 0]
+    busy_t, idle_t = ablate.read_times(dirs[0]), ablate.read_times(dirs[1])
+    assert busy_t["train_cpu_s"] >= 0.6 and idle_t["train_cpu_s"] < 0.4, (busy_t, idle_t)
+    assert idle_t["train_wall_s"] >= 1.5
+    assert ablate.run_command([sys.executable, "-c", "raise SystemExit(3)"], dirs[0], "eval") == 3
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
