@@ -763,7 +763,7 @@ def main(args) -> int:
                         tqdm.write(f"error: {error}", file=sys.stderr)
                     else:
                         bar.update(1)
-            except KeyboardInterrupt:  # start no new run; the running ones stop at their checkpoints
+            except KeyboardInterrupt:  # start no new run; stop the running ones (they resume later)
                 for child in list(RUNNING):
                     child.send_signal(signal.SIGINT)
                 pool.shutdown(wait=True, cancel_futures=True)
