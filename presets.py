@@ -126,7 +126,8 @@ def _toy() -> Preset:
     # (`checkpoint.grow_depth`) for 14000 more and to 18 for 16000 more, each phase a fresh
     # AdamW with its own warm-up and cosine, compiled (train.compile); the last phase's EMA is
     # exported in bf16 (runs/toy/export). Depth paid more than steps at a fixed depth
-    # (docs/experiments.md §5-6), and a deeper step costs little more on a CPU (§14).
+    # (docs/experiments.md §5-6); on two threads a 12-block step costs little more than a 6-block
+    # one (§14), on one thread nearly twice as much (§4).
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
