@@ -79,6 +79,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ def eval_command(run: Run, per_category: int, eval_seed: int) -> list[str]:
 def run_command(cmd: list[str], run_dir: str, part: str, threads: int | None = None) -> int:
     """Run one train.py / eval.py (`part` "train" / "eval") to completion, its output appended
     to <run_dir>/<part>.log, and add the child's CPU and wall seconds to times.json — also when
-    the study is interrupted (Ctrl-C reaches the child too; it resumes from its last checkpoint).
+    the study is interrupted (the child is stopped too; it resumes from its last checkpoint).
     The CPU seconds are this child's own (os.wait4), so runs going side by side (--jobs) do not
     count each other's. → the exit status."""
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
@@ -280,6 +281,8 @@ def run_command(cmd: list[str], run_dir: str, part: str, threads: int | None = N
         log.flush()
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     RUNNING.add(child)
+    if STOPPING.is_set():  # the study was interrupted while this child was starting
+        child.terminate()
     try:
         _, status, usage = os.wait4(child.pid, 0)
         cpu = usage.ru_utime + usage.ru_stime
@@ -290,7 +293,8 @@ def run_command(cmd: list[str], run_dir: str, part: str, threads: int | None = N
         add_times(run_dir, part, cpu, time.time() - t0)
 
 
-RUNNING: set[subprocess.Popen] = set()  # the children now running, to pass Ctrl-C on to them
+RUNNING: set[subprocess.Popen] = set()  # the children now running, to stop when the study is
+STOPPING = threading.Event()  # interrupted (Ctrl-C or SIGTERM)
 
 
 def read_times(run_dir: str) -> dict:
@@ -764,8 +768,9 @@ def main(args) -> int:
                     else:
                         bar.update(1)
             except KeyboardInterrupt:  # start no new run; stop the running ones (they resume later)
+                STOPPING.set()
                 for child in list(RUNNING):
-                    child.send_signal(signal.SIGINT)
+                    child.terminate()  # SIGTERM: train.py's checkpoints are atomic, so it resumes
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         if errors:  # the other runs went on; a rerun retries these
@@ -777,7 +782,16 @@ def main(args) -> int:
     return 1 if errors else 0
 
 
-if __name__ == "__main__":
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cli() -> None:
+    # Ctrl-C and SIGTERM (`pkill -f ablate.py`) both stop the study cleanly. SIGINT gets Python's
+    # handler back explicitly: a study started in the background (`nohup ... &`) inherits SIGINT
+    # ignored, and Python then leaves it ignored, for this process and every child it starts.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
     try:
         sys.exit(main(parse_args()))
     except ValueError as e:
@@ -786,3 +800,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,9 +7,11 @@ eval.py subprocess starts) is replaced by a stand-in that writes what the real o
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -251,6 +253,34 @@ def test_each_run_is_charged_its_own_cpu_time_when_runs_overlap(tmp_path):
     assert busy_t["train_cpu_s"] >= 0.6 and idle_t["train_cpu_s"] < 0.4, (busy_t, idle_t)
     assert idle_t["train_wall_s"] >= 1.5
     assert ablate.run_command([sys.executable, "-c", "raise SystemExit(3)"], dirs[0], "eval") == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_background_study_and_its_running_child(tmp_path, sig):
+    """`pkill -f ablate.py` (SIGTERM) or SIGINT stops the study also when it was started in the
+    background with SIGINT ignored (`nohup ... &`): the running training is stopped too, its time
+    is recorded, and the study exits 130 saying how to continue."""
+    runs, started = str(tmp_path / "abl"), str(tmp_path / "started")
+    train = [sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+             "time.sleep(60)", started]  # a training that runs until it is stopped
+    script = (f"import ablate; ablate.train_command = lambda *a: {train!r}; import sys; "
+              f"sys.argv = ['ablate.py', '--only', 'mos', '--seeds', '1', '--steps', '3', '--runs', {runs!r}]; "
+              "ablate.cli()")
+    study = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 60
+    while not (os.path.exists(started) and open(started).read()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(open(started).read())
+    time.sleep(0.5)
+    study.send_signal(sig)
+    _, err = study.communicate(timeout=30)
+    assert study.returncode == 130
+    assert "interrupted: run the same command again to continue where it stopped" in err
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running
+        os.kill(child, 0)
+    times = ablate.read_times(os.path.join(runs, "mos", "seed-0"))
+    assert 0.5 <= times["train_wall_s"] < 30, times
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
