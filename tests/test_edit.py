@@ -184,6 +184,11 @@ def test_toy_edit_preset():
     p = presets.get_preset("toy_edit")
     toy = presets.get_preset("toy")
     assert p.model.gen.ref and not toy.model.gen.ref
+    # its one-command export fits the repository's 20 MB limit for a shipped checkpoint
+    assert p.phases, "a phased recipe: train_phases exports the EMA in train.export_dtype"
+    with torch.device("meta"):
+        n = sum(q.numel() for q in checkpoint.build_model(p.model).parameters() if q.requires_grad)
+    assert n * torch.finfo(getattr(torch, p.train.export_dtype or "float32")).bits // 8 <= 20e6
     assert p.train.init_from.endswith(os.path.join("toy", "ema.safetensors"))
     shipped = os.path.join(ROOT, "checkpoints", "toy", "config.json")
     if not os.path.exists(shipped):
