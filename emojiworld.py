@@ -1,4 +1,4 @@
-"""EmojiWorld: a synthetic world of real concepts drawn with OpenMoji glyphs (docs/design.md §14, issue #29).
+"""EmojiWorld: a synthetic world of real concepts drawn with OpenMoji glyphs (docs/design.md §14).
 
 ShapesWorld (data.py) measures what GenEval measures with coloured shapes; EmojiWorld asks the
 same questions of *concepts* — a dog, a sign, glasses — so a toy MoS trained on a CPU can be

@@ -14,7 +14,7 @@ edits (MoS-Edit, Sec. 3.4) are scored against their target scene.
 How it connects: prompts and their ground-truth specs come from data.py (one set of
 templates, one truth function `data.holds`); images come from sample.py / edit.py; this file
 turns images into scores, and says per category why the failed images failed
-(`failure_mode`), which a single accuracy hides. `--world emoji` scores EmojiWorld (issue #29)
+(`failure_mode`), which a single accuracy hides. `--world emoji` scores EmojiWorld
 with emojiworld.detect and emojiworld.holds in the same way (`evaluate_emoji`).
 
 Glossary: S canvas side in pixels; a component is a set of 8-connected non-white pixels.
@@ -566,7 +566,7 @@ def evaluate(model, tower, codec, preset, *, per_category: int = 50, images_per_
 ########################################################################################
 #                         EmojiWorld benchmark: --world emoji                           #
 ########################################################################################
-# The same GenEval-style scoring on EmojiWorld (issue #29): emojiworld.detect explains each
+# The same GenEval-style scoring on EmojiWorld: emojiworld.detect explains each
 # image by the world's own units, and emojiworld.holds is the truth function. Categories are
 # the caption kinds (presence = "single"; "wearing_holding" scores under wearing); prompts
 # naming a held-out synonym (emojiworld.eval_prompts) are scored apart as "synonyms".

@@ -1,4 +1,4 @@
-"""EmojiWorld's detector (emojiworld.detect) and benchmark (eval.py --world emoji, issue #29):
+"""EmojiWorld's detector (emojiworld.detect) and benchmark (eval.py --world emoji):
 every rendered training scene is recovered exactly, and most still are when blurred as the model
 draws them; near-misses are not — a cat is not a dog,
 sunglasses are not glasses, a faded glyph is unknown, glasses off the eyes are not worn, and

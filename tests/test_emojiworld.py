@@ -1,4 +1,4 @@
-"""EmojiWorld (emojiworld.py, issue #29): the font renders, the glyph table holds the required
+"""EmojiWorld (emojiworld.py): the font renders, the glyph table holds the required
 concepts, captions are true of their scenes and false of perturbed ones, held-out synonyms never
 reach a training caption, batches are deterministic, and accessories sit where the anchors say."""
 

@@ -1,4 +1,4 @@
-"""The paper's scale without a download (issue #7): presets, stages, the Wan 2.2 VAE path, the
+"""The paper's scale without a download: presets, stages, the Wan 2.2 VAE path, the
 latent cache, dynamic resolution, the --dry-run FLOPs share and self-CoT.
 
 Paper Sec. 3.5 (stages, MoS-S / MoS-L), App. A (recipe), App. B.4 (producer–consumer), Sec. 4.4
