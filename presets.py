@@ -122,12 +122,13 @@ def _toy() -> Preset:
     # 8 buys more updates per CPU-second than 64; training at shifted noise levels (t_shift 2)
     # and lr 1e-3 beat their alternatives at a fixed step budget. `--steps N` trains this base
     # setting alone (eager, 6 blocks) — the quick way to try a change. Without `--steps` the
-    # preset runs its phases: 16000 steps at 6 blocks, then the tower grows to 12 blocks
-    # (`checkpoint.grow_depth`) for 14000 more and to 18 for 16000 more, each phase a fresh
-    # AdamW with its own warm-up and cosine, compiled (train.compile); the last phase's EMA is
-    # exported in bf16 (runs/toy/export). Depth paid more than steps at a fixed depth
-    # (docs/experiments.md §5-6); on two threads a 12-block step costs little more than a 6-block
-    # one (§14), on one thread nearly twice as much (§4).
+    # preset runs its phases: 10000 steps at 6 blocks, then the tower grows to 12 blocks
+    # (`checkpoint.grow_depth`) for 8000 more and to 18 for 16000 more, and a warm restart at 18
+    # blocks for 16000 more; each phase a fresh AdamW with its own warm-up and cosine, compiled
+    # (train.compile), ending in a bf16 export that the next phase starts from; the last is
+    # runs/toy/export. The steps go where they paid: depth paid more than steps at a fixed depth
+    # (docs/experiments.md §5-6), and the binding categories kept improving with steps at 18
+    # blocks (§6, §14), where a step costs ~3× a 6-block one.
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
@@ -142,11 +143,13 @@ def _toy() -> Preset:
                           cfg_interval=(0.0, 0.8), export_dtype="bfloat16"),
         about="ShapesWorld 32px on a 2-core CPU, embedded all-MiniLM-L6-v2 tower",
         phases=[
-            [compiled],  # 6 blocks from scratch
-            ["model.gen.depth=12", "train.steps=14000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
+            ["train.steps=10000", compiled],  # 6 blocks from scratch
+            ["model.gen.depth=12", "train.steps=8000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=1",
              compiled],
             ["model.gen.depth=18", "train.steps=16000", "train.lr=3e-4", "train.lr_min=1e-5", "train.seed=2",
              compiled],
+            ["model.gen.depth=18", "train.steps=16000", "train.lr=2e-4", "train.lr_min=1e-5", "train.seed=3",
+             compiled],  # a warm restart at the same depth
         ],
     )
 

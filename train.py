@@ -31,9 +31,8 @@ One training step (Alg. 1):
 
 Exact resume: every random draw of step s (timesteps, noise, caption dropout, ε-greedy)
 comes from generators seeded with (seed, s, row), and ShapesWorld example i is a pure function
-of (seed, i). So a run resumed at step s draws exactly what the uninterrupted run drew —
-no RNG state has to be captured mid-stream for the data path; the optimiser, schedule, EMA
-and step counter are saved. The global torch RNG is saved too, for anything else.
+of (seed, i). So a run resumed at step s draws exactly what the uninterrupted run drew, with no
+data-path RNG state captured mid-stream; the optimiser, schedule, EMA, step and torch RNG are saved.
 
 Glossary: B batch · L context tokens · m und. states · D_u und. width · C, h, w latent shape.
 """
@@ -437,13 +436,11 @@ def train_phases(preset: Preset, out: str, command: str, device="cpu", data_spec
                  quiet=False, stop_at: int | None = None) -> str:
     """Run a phased recipe (`Preset.phases`) into out/phase-1 … phase-K, then export.
 
-    Phase k is an ordinary `train()` run of the preset with phase k's assignments, started from
-    phase k-1's EMA weights (grown to the phase's depth by `checkpoint.init_weights`). Calling
-    this again on the same `out` continues where it stopped: finished phases are skipped, an
-    unfinished one resumes from its latest checkpoint (exact resume, see the header). `stop_at`
-    stops the running phase at that step (tests use it to interrupt). Returns the export
-    directory, or "" if a phase was stopped early.
-    """
+    Phase k is a `train()` run with phase k's assignments; finished, it writes out/phase-k/export
+    (EMA in train.export_dtype; steps and seconds in config.json), which phase k+1 starts from
+    (grown by `checkpoint.init_weights`). A finished phase *is* its export: called again, this
+    skips it (its step folders may be gone) and resumes an unfinished phase from its latest
+    checkpoint. `stop_at` stops a phase at that step. Returns the export, or "" if stopped early."""
     base = copy.deepcopy(preset)
     base.phases = []
     os.makedirs(out, exist_ok=True)
@@ -453,20 +450,25 @@ def train_phases(preset: Preset, out: str, command: str, device="cpu", data_spec
     for k, assignments in enumerate(preset.phases, 1):
         p = apply_overrides(copy.deepcopy(base), assignments)
         if k > 1:
-            p.train.init_from = os.path.join(out, f"phase-{k - 1}")
+            p.train.init_from = os.path.join(out, f"phase-{k - 1}", "export")
         run = os.path.join(out, f"phase-{k}")
-        done = _last_step(run)
-        if done < p.train.steps:
-            log(f"phase {k}/{len(preset.phases)}: {' '.join(assignments) or '(the base preset)'}"
-                f" — {p.train.steps} steps, {p.model.gen.depth} blocks, in {run}", quiet)
-            train(p, run, resume=run if done else None, device=device, quiet=quiet, stop_at=stop_at,
-                  data_spec=data_spec)
-            if _last_step(run) < p.train.steps:
-                return ""
-        state = torch.load(os.path.join(find_checkpoint(run), "state.pt"), weights_only=False)
-        record.append({"phase": k, "set": assignments, "steps": p.train.steps, "depth": p.model.gen.depth,
-                       "wall_s": round(state["train_seconds"], 1), "cpu_s": round(state["cpu_seconds"], 1)})
-    return export_weights(find_checkpoint(run), os.path.join(out, "export"), p,
+        export = os.path.join(run, "export")
+        if not os.path.exists(os.path.join(export, "config.json")):
+            done = _last_step(run)
+            if done < p.train.steps:
+                log(f"phase {k}/{len(preset.phases)}: {' '.join(assignments) or '(the base preset)'}"
+                    f" — {p.train.steps} steps, {p.model.gen.depth} blocks, in {run}", quiet)
+                train(p, run, resume=run if done else None, device=device, quiet=quiet, stop_at=stop_at,
+                      data_spec=data_spec)
+                if _last_step(run) < p.train.steps:
+                    return ""
+            ckpt = find_checkpoint(run)
+            st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+            export_weights(ckpt, export, p, {"phase": k, "set": assignments, "steps": p.train.steps, "depth":
+                           p.model.gen.depth, "wall_s": round(st["train_seconds"], 1), "cpu_s": round(st["cpu_seconds"], 1)})
+        with open(os.path.join(export, "config.json")) as f:
+            record.append(json.load(f)["recipe"])
+    return export_weights(export, os.path.join(out, "export"), p,
                           {"command": command, "phases": record,
                            "trained_steps": sum(r["steps"] for r in record),
                            "wall_s": round(sum(r["wall_s"] for r in record), 1),

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -400,10 +401,11 @@ def test_init_from_a_shallower_checkpoint_grows_the_tower_without_changing_its_o
 
 
 def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
-    """A recipe in phases (the toy's form, here 2 → 3 blocks): phase 2 starts from phase 1's EMA
-    grown by one block; the export holds the last EMA in bf16 and a config.json that records the
-    command and each phase; it loads for sampling; and a run interrupted mid-phase-2, continued
-    by calling again (what `--resume runs/toy` does), exports the very same weights."""
+    """A recipe in phases (the toy's form, here 2 → 3 blocks): phase 2 starts from phase 1's
+    export grown by one block; the export holds the last EMA in bf16 and a config.json that
+    records the command and each phase; it loads for sampling; and a run interrupted mid-phase-2,
+    continued by calling again (what `--resume runs/toy` does) after phase 1's step folders are
+    deleted, exports the very same weights."""
     from safetensors.torch import load_file
 
     monkeypatch.setattr("und_tower.load_tower", lambda *a, **k: minilm)
@@ -430,6 +432,11 @@ def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
     assert not os.path.exists(tmp_path / "part" / "export")
     again = train.train_phases(p, str(tmp_path / "part"), "python train.py --preset tiny", quiet=True, stop_at=2)
     assert again == ""  # phase 1 finished, phase 2 stopped at step 2 of 3
+    # a finished phase is its export: without its step folders the run still continues
+    phase1 = tmp_path / "part" / "phase-1"
+    assert {v.dtype for v in load_file(str(phase1 / "export" / "ema.safetensors")).values()} == {torch.bfloat16}
+    for d in phase1.glob("step-*"):
+        shutil.rmtree(d)
     again = train.train_phases(p, str(tmp_path / "part"), "python train.py --preset tiny", quiet=True)
     resumed = load_file(os.path.join(again, "ema.safetensors"))
     for k, v in weights.items():
@@ -437,12 +444,12 @@ def test_phased_recipe_grows_exports_and_resumes(tmp_path, minilm, monkeypatch):
 
 
 def test_toy_preset_is_one_command(tmp_path, monkeypatch):
-    """`python train.py --preset toy` runs the toy's phases (6 → 12 → 18 blocks, exported in
+    """`python train.py --preset toy` runs the toy's phases (6 → 12 → 18 → 18 blocks, exported in
     bf16); `--steps N` trains the base setting alone; a finished or started phased run is
     continued with --resume, not overwritten."""
     p = get_preset("toy")
     depths = [apply_overrides(copy.deepcopy(p), a).model.gen.depth for a in p.phases]
-    assert depths == [6, 12, 18] and p.train.export_dtype == "bfloat16"
+    assert depths == [6, 12, 18, 18] and p.train.export_dtype == "bfloat16"
     calls = []
     monkeypatch.setattr(train, "train_phases", lambda preset, out, command, *a, **k: calls.append(
         ("phases", len(preset.phases), out, command)) or "x")
@@ -450,7 +457,7 @@ def test_toy_preset_is_one_command(tmp_path, monkeypatch):
     out = str(tmp_path / "toy")
     assert train.main(train.parse_args(["--preset", "toy", "--out", out])) == 0
     assert train.main(train.parse_args(["--preset", "toy", "--out", out, "--steps", "7"])) == 0
-    assert calls == [("phases", 3, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
+    assert calls == [("phases", 4, out, f"python train.py --preset toy --out {out}"), ("train", 7, out)]
     os.makedirs(out)
     open(os.path.join(out, "recipe.json"), "w").write("{}")
     with pytest.raises(ValueError, match="already holds a phased run: continue it with --resume"):
