@@ -126,9 +126,9 @@ def _toy() -> Preset:
     # (`checkpoint.grow_depth`) for 8000 more and to 18 for 16000 more, and a warm restart at 18
     # blocks for 16000 more; each phase a fresh AdamW with its own warm-up and cosine, compiled
     # (train.compile), ending in a bf16 export that the next phase starts from; the last is
-    # runs/toy/export. The steps go where they paid: depth paid more than steps at a fixed depth
-    # (docs/experiments.md §5-6), and the binding categories kept improving with steps at 18
-    # blocks (§6, §14), where a step costs ~3× a 6-block one.
+    # runs/toy/export. Most steps go to 18 blocks: depth paid more than steps at a fixed depth
+    # (docs/experiments.md §5-6) and binding still improved there (§6, §14), though an 18-block
+    # step costs ~3× a 6-block one; whether this reaches 0.80 is measured in §14.
     compiled = "train.compile=inductor"
     return Preset(
         model=ModelConfig(
