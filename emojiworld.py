@@ -843,6 +843,17 @@ def _explain(obs: np.ndarray, box: tuple[int, int, int, int], size: int) -> tupl
     return best, best_d
 
 
+def at_world_size(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """A uint8 (S', S', 3) image resized (Lanczos) to (size, size, 3): the detector's pixel
+    thresholds (blur, speck area, distance cap) are set at the world's 32 px, so a model drawing
+    at another resolution is scored on the same benchmark after resizing. Unchanged at `size`."""
+    if img.shape[0] == size:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS))
+
+
 def detect(img: np.ndarray) -> list[Item]:
     """The glyphs in a uint8 (S, S, 3) EmojiWorld image, as Items in render's convention
     (drawing order within a unit: the animal first), units sorted top-to-bottom, left-to-right.

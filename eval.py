@@ -651,9 +651,9 @@ def evaluate_emoji(model, tower, codec, preset, *, per_category: int = 20, synon
                         seeds=[seed + j * len(prompts) + i for i, j in chunk], steps=steps, cfg=cfg,
                         cfg_interval=cfg_interval, shift=shift, schedule=schedule, device=device)
         for (i, j), img in zip(chunk, imgs):
-            found = emojiworld.detect(np.asarray(img))
+            found = emojiworld.detect(emojiworld.at_world_size(np.asarray(img)))  # scored at the world's 32 px
             records.append(prompts[i] | {"repeat": j, "detected": found,
-                                         "correct": emoji_check(prompts[i]["spec"], found, size)})
+                                         "correct": emoji_check(prompts[i]["spec"], found, emojiworld.SIZE)})
             if save_dir:
                 from PIL import Image
 
