@@ -167,7 +167,7 @@ def _emoji() -> Preset:
     p.train.steps = 14000
     p.about = "EmojiWorld 32px (OpenMoji glyphs) on a 2-core CPU: text to image and MoS-Edit in one checkpoint"
     p.phases = [list(a) for a in p.phases[:3]] + [
-        ["model.gen.depth=18", "model.gen.ref=true", "train.t2i_fraction=0.5", "train.steps=10000", "train.lr=2e-4",
+        ["model.gen.depth=18", "model.gen.ref=true", "train.t2i_fraction=0.5", "train.steps=16000", "train.lr=2e-4",
          "train.lr_min=1e-5", "train.seed=3", "train.compile=inductor"],
     ]
     return p
