@@ -164,7 +164,6 @@ def _emoji() -> Preset:
     # sign") and edits ("add glasses").
     p = _toy()
     p.train.world = "emojiworld"  # the data, unless --data says otherwise
-    p.train.steps = 14000
     p.about = "EmojiWorld 32px (OpenMoji glyphs) on a 2-core CPU: text to image and MoS-Edit in one checkpoint"
     p.phases = [list(a) for a in p.phases[:3]] + [
         ["model.gen.depth=18", "model.gen.ref=true", "train.t2i_fraction=0.5", "train.steps=16000", "train.lr=2e-4",
